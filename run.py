@@ -1,0 +1,63 @@
+"""visrl entry point: ``python run.py [overrides]`` (Hydra; see README "Quick start").
+
+Examples::
+
+    python run.py                                   # the embedded default: tiny Qwen2-VL, synthetic task, iter=3
+    python run.py stage=sft                         # base prep -> SFT warm-up -> evaluation
+    python run.py model=llava15 iter=3              # the same pipeline on real LLaVA-1.5-7B weights
+    python run.py -m objective.beta=0.05,0.1 iter=1,3   # a sweep: one job dir per override combination
+
+The run directory is named from the overrides (``outputs/<overrides>`` or ``outputs/default``), so running
+the same command again resumes an interrupted run and skips a finished one.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+OmegaConf.register_new_resolver("run_name", lambda s: s.replace("/", "_") if s else "default", replace=True)
+
+log = logging.getLogger("visrl")
+
+
+def _is_multirun() -> bool:
+    from hydra.core.hydra_config import HydraConfig
+
+    return HydraConfig.initialized() and HydraConfig.get().mode.name == "MULTIRUN"
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="config")
+def main(cfg: DictConfig) -> float | None:
+    from visrl.logging.sweep import is_complete, mark_complete, mark_failed
+    from visrl.models.real import WeightsNotFoundError
+    from visrl.pipeline import run
+
+    job_dir = Path(cfg.paths.output_dir)
+    if is_complete(job_dir):
+        log.info("%s is complete; skipping (delete it to run again)", job_dir)
+        return None
+    try:
+        summary = run(cfg)
+    except WeightsNotFoundError as e:
+        mark_failed(job_dir, e)
+        print(f"error: {e}", file=sys.stderr)
+        if _is_multirun():
+            return None
+        sys.exit(2)
+    except Exception as e:
+        mark_failed(job_dir, e)
+        if _is_multirun():  # a crashed job must not stop the sweep; visrl.report lists it as failed
+            log.exception("job %s failed; the sweep goes on", job_dir)
+            return None
+        raise
+    mark_complete(job_dir)
+    return summary.get("final_metric") if isinstance(summary, dict) else None
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,395 @@
+"""Records: Visual-CoT benchmark/training JSON, Visual-CoT detection JSONL, VisRL preference JSON.
+
+VisRL (paper §3-4) trains on Visual-CoT data (question, ground-truth box, answer) and writes step-level
+preference pairs in LLaMA-Factory's sharegpt ranking layout. Schemas: ``shared/notes/benchmark-formats.md``
+§1a (VisCoT records), §1b (detection rows), §3 (VisRL pairs).
+
+Every record keeps the object it was read from (``raw``, key order included) and writers re-emit exactly
+that, so reading and writing a file is lossless (``write_viscot`` with the file's indent reproduces the
+benchmark files byte for byte). The typed fields are views of ``raw``, validated on read: malformed input
+raises ``ValueError`` naming the file, the record index and the field. New records are built with
+``make_viscot_record`` / ``make_preference_record``, which go through the same validation.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import tempfile
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from visrl.data.boxes import Box, from_px, sq_text
+
+IMAGE_PREFIX = "<image>\n"
+VISCOT_SUFFIX = (
+    " Please provide the bounding box coordinate of the region that can help you answer the question better."
+)
+MEMORY = "<memory>"  # the source of records built in memory
+_VISCOT_KEYS = ("dataset", "split", "question_id", "image", "conversations")
+_PREF_KEYS = ("images", "conversations", "chosen_step", "rejected_step", "chosen", "rejected")
+_SUFFIX_RE = re.compile(r"(?P<path>.*)###\[(?P<box>[^\[\]]*)\]", re.DOTALL)
+# Path spellings that differ between a benchmark file and its detection file (visual7w.json says
+# cot/v7w/, visual7w.jsonl says cot/visual7w/).
+_PATH_ALIASES = (("cot/visual7w/", "cot/v7w/"),)
+
+
+def _error(source: str, index: int, fieldname: str, message: str) -> ValueError:
+    return ValueError(f"{source}: record {index}: field '{fieldname}': {message}")
+
+
+def _get(raw: Mapping[str, Any], key: str, kind: type | tuple[type, ...], source: str, index: int) -> Any:
+    if key not in raw:
+        raise _error(source, index, key, "missing")
+    value = raw[key]
+    if not isinstance(value, kind) or isinstance(value, bool):
+        raise _error(source, index, key, f"expected {kind}, got {type(value).__name__} {value!r:.80}")
+    return value
+
+
+def _turn(turn: Any, role: str, source: str, index: int, fieldname: str) -> str:
+    """The ``value`` of a ``{"from": role, "value": str}`` turn."""
+    if not isinstance(turn, Mapping):
+        raise _error(source, index, fieldname, f"expected a {{'from', 'value'}} object, got {turn!r:.80}")
+    if turn.get("from") != role:
+        raise _error(source, index, f"{fieldname}.from", f"expected {role!r}, got {turn.get('from')!r}")
+    value = turn.get("value")
+    if not isinstance(value, str):
+        raise _error(source, index, f"{fieldname}.value", f"expected a string, got {value!r:.80}")
+    return value
+
+
+def _load_json_list(path: Path) -> list[Any]:
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON: {e}") from e
+    if not isinstance(data, list):
+        raise ValueError(f"{path}: expected a JSON list of records, got {type(data).__name__}")
+    return data
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    """Write via a temporary file in the same folder, so a crash never leaves half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _with_extra(base: dict[str, Any], extra: Mapping[str, Any] | None) -> dict[str, Any]:
+    clash = sorted(set(base) & set(extra or {}))
+    if clash:
+        raise ValueError(f"extra keys {clash} would overwrite the record's own fields")
+    return {**base, **(extra or {})}
+
+
+# ------------------------------------------------------------------------------------------ VisCoT JSON
+@dataclass(frozen=True)
+class VisCoTRecord:
+    """One Visual-CoT record (§1a): ``image = [path, "path###[x1, y1, x2, y2]"]`` and 4 turns
+    (human question + suffix, gpt sq box text, human ``<image>``, gpt answer)."""
+
+    dataset: str
+    split: str
+    question_id: int | str
+    image_path: str
+    box_px: tuple[float, float, float, float] | None  # original px from the ### suffix (ints in VisCoT)
+    question: str  # without "<image>\n" and without the box-request suffix
+    answer: str
+    box_text: str  # turn 1, verbatim
+    raw: dict[str, Any] = field(repr=False, hash=False)
+    source: str = field(default=MEMORY, compare=False)
+    index: int = field(default=-1, compare=False)
+
+    @classmethod
+    def from_raw(cls, raw: Any, source: str = MEMORY, index: int = -1) -> VisCoTRecord:
+        if not isinstance(raw, dict):
+            raise _error(source, index, "<record>", f"expected an object, got {type(raw).__name__}")
+        image = _get(raw, "image", list, source, index)
+        if not 1 <= len(image) <= 2 or not all(isinstance(p, str) for p in image):
+            raise _error(source, index, "image", f"expected 1 or 2 path strings, got {image!r:.120}")
+        turns = _get(raw, "conversations", list, source, index)
+        if len(turns) != 4:
+            raise _error(source, index, "conversations", f"expected 4 turns, got {len(turns)}")
+        roles = ("human", "gpt", "human", "gpt")
+        values = [
+            _turn(t, r, source, index, f"conversations[{i}]") for i, (t, r) in enumerate(zip(turns, roles))
+        ]
+        prompt = values[0]
+        if not (prompt.startswith(IMAGE_PREFIX) and prompt.endswith(VISCOT_SUFFIX)):
+            raise _error(
+                source, index, "conversations[0].value", f"expected '<image>\\n{{question}}{VISCOT_SUFFIX}'"
+            )
+        if values[2] != "<image>":
+            raise _error(
+                source, index, "conversations[2].value", f"expected '<image>', got {values[2]!r:.80}"
+            )
+        return cls(
+            dataset=_get(raw, "dataset", str, source, index),
+            split=_get(raw, "split", str, source, index),
+            question_id=_get(raw, "question_id", (int, str), source, index),
+            image_path=image[0],
+            box_px=_suffix_box(image[1], source, index) if len(image) == 2 else None,
+            question=prompt[len(IMAGE_PREFIX) : len(prompt) - len(VISCOT_SUFFIX)],
+            answer=values[3],
+            box_text=values[1],
+            raw=raw,
+            source=source,
+            index=index,
+        )
+
+    @property
+    def extra(self) -> dict[str, Any]:
+        """Keys beyond the VisCoT schema (e.g. written by the synthetic generator)."""
+        return {k: v for k, v in self.raw.items() if k not in _VISCOT_KEYS}
+
+    def box(self, size: tuple[int, int]) -> Box | None:
+        """The ``###`` pixel box in the canonical frame (needs the original ``(W, H)``)."""
+        return None if self.box_px is None else from_px(self.box_px, size)
+
+
+def _suffix_box(entry: str, source: str, index: int) -> tuple[float, float, float, float]:
+    match = _SUFFIX_RE.fullmatch(entry)
+    if match is None:
+        raise _error(source, index, "image[1]", f"expected 'path###[x1, y1, x2, y2]', got {entry!r:.120}")
+    try:
+        values = [float(v) for v in match.group("box").split(",")]
+    except ValueError:
+        values = []
+    if len(values) != 4 or not all(math.isfinite(v) for v in values):
+        raise _error(source, index, "image[1]", f"expected 4 finite numbers after ###, got {entry!r:.120}")
+    return tuple(int(v) if v.is_integer() else v for v in values)  # type: ignore[return-value]
+
+
+def read_viscot(path: str | Path) -> list[VisCoTRecord]:
+    """Read a Visual-CoT list JSON (benchmark file, ``viscot_363k.json``-shaped, or synthetic split)."""
+    path = Path(path)
+    return [VisCoTRecord.from_raw(raw, str(path), i) for i, raw in enumerate(_load_json_list(path))]
+
+
+def write_viscot(records: Iterable[VisCoTRecord], path: str | Path, indent: int | None = 4) -> None:
+    """Write records as a list JSON. ``indent=4`` reproduces 12 of the 13 benchmark files byte for
+    byte; ``visual7w.json`` was written without indentation (``indent=None``)."""
+    _write_atomic(Path(path), json.dumps([r.raw for r in records], indent=indent))
+
+
+def make_viscot_record(
+    *,
+    dataset: str,
+    split: str,
+    question_id: int | str,
+    image_path: str,
+    question: str,
+    answer: str,
+    box_px: Sequence[float] | None = None,
+    size: tuple[int, int] | None = None,
+    box_text: str | None = None,
+    extra: Mapping[str, Any] | None = None,
+) -> VisCoTRecord:
+    """Build a record in the VisCoT format from fields.
+
+    The ``###`` suffix holds ``box_px`` truncated with ``%d`` (as VisCoT does). ``box_text`` defaults to
+    the VisCoT sq string of ``box_px`` (computed from the unrounded px, which needs the image ``size``).
+    ``extra`` keys are appended after the VisCoT keys and preserved.
+    """
+    if box_text is None:
+        if box_px is None or size is None:
+            raise ValueError("make_viscot_record needs box_text, or box_px and size to compute it")
+        box_text = sq_text(from_px(box_px, size), size)
+    image = [image_path]
+    if box_px is not None:
+        image.append(f"{image_path}###[{', '.join(str(int(v)) for v in box_px)}]")  # %d: truncate
+    turns = [
+        {"from": "human", "value": IMAGE_PREFIX + question + VISCOT_SUFFIX},
+        {"from": "gpt", "value": box_text},
+        {"from": "human", "value": "<image>"},
+        {"from": "gpt", "value": answer},
+    ]
+    base = {
+        "dataset": dataset,
+        "split": split,
+        "question_id": question_id,
+        "image": image,
+        "conversations": turns,
+    }
+    return VisCoTRecord.from_raw(_with_extra(base, extra))
+
+
+# ------------------------------------------------------------------------------------------ VisCoT det
+@dataclass(frozen=True)
+class DetRecord:
+    """One Visual-CoT detection row (§1b); row-aligned with the benchmark file of the same name."""
+
+    img_path: str
+    expression: str
+    bbox: tuple[float, float, float, float]  # original px xyxy, as stored (int or float)
+    width: int
+    height: int
+    question_id: int | str
+    split: str
+    raw: dict[str, Any] = field(repr=False, hash=False)
+    source: str = field(default=MEMORY, compare=False)
+    index: int = field(default=-1, compare=False)
+
+    @classmethod
+    def from_raw(cls, raw: Any, source: str = MEMORY, index: int = -1) -> DetRecord:
+        if not isinstance(raw, dict):
+            raise _error(source, index, "<record>", f"expected an object, got {type(raw).__name__}")
+        bbox = _get(raw, "bbox", list, source, index)
+        ok = all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in bbox)
+        if len(bbox) != 4 or not ok:
+            raise _error(source, index, "bbox", f"expected 4 finite numbers, got {bbox!r:.120}")
+        width, height = (_get(raw, k, int, source, index) for k in ("width", "height"))
+        if width <= 0 or height <= 0:
+            raise _error(source, index, "width/height", f"must be positive, got {width}x{height}")
+        return cls(
+            img_path=_get(raw, "img_path", str, source, index),
+            expression=_get(raw, "expression", str, source, index),
+            bbox=tuple(bbox),  # type: ignore[arg-type]
+            width=width,
+            height=height,
+            question_id=_get(raw, "question_id", (int, str), source, index),
+            split=_get(raw, "split", str, source, index),
+            raw=raw,
+            source=source,
+            index=index,
+        )
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return (self.width, self.height)
+
+    @property
+    def box(self) -> Box:
+        return from_px(self.bbox, self.size)
+
+
+def read_det(path: str | Path) -> list[DetRecord]:
+    """Read a detection JSONL; blank lines are skipped, the record index counts non-blank rows."""
+    path, rows = Path(path), []
+    with open(path, encoding="utf-8") as f:
+        for line_no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                raw = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}: record {len(rows)} (line {line_no}): not valid JSON: {e}") from e
+            rows.append(DetRecord.from_raw(raw, str(path), len(rows)))
+    return rows
+
+
+def write_det(records: Iterable[DetRecord], path: str | Path) -> None:
+    """One ``json.dumps`` line per record (byte-identical to the benchmark_det files)."""
+    _write_atomic(Path(path), "".join(json.dumps(r.raw) + "\n" for r in records))
+
+
+def _canonical_path(path: str) -> str:
+    for alias, canonical in _PATH_ALIASES:
+        if path.startswith(alias):
+            return canonical + path[len(alias) :]
+    return path
+
+
+def join_det(
+    records: Sequence[VisCoTRecord], dets: Sequence[DetRecord]
+) -> list[tuple[VisCoTRecord, DetRecord]]:
+    """Pair records with detection rows BY ROW (never by question_id, which predictions set to 0),
+    checking that both files have the same length and each row the same image."""
+    rec_src = records[0].source if records else MEMORY
+    det_src = dets[0].source if dets else MEMORY
+    if len(records) != len(dets):
+        raise ValueError(f"{rec_src} has {len(records)} records but {det_src} has {len(dets)} rows")
+    for row, (rec, det) in enumerate(zip(records, dets)):
+        if _canonical_path(rec.image_path) != _canonical_path(det.img_path):
+            raise ValueError(
+                f"row {row}: {rec_src} image {rec.image_path!r} != {det_src} img_path {det.img_path!r}"
+            )
+    return list(zip(records, dets))
+
+
+# ------------------------------------------------------------------------------------- VisRL preference
+@dataclass(frozen=True)
+class PreferenceRecord:
+    """One VisRL step-level pair (§3; LLaMA-Factory sharegpt ranking): ``images``, one human turn
+    ``conversations[0]`` (the step-1 prompt), ``chosen_step``/``rejected_step`` (box texts) and
+    ``chosen``/``rejected`` (answers), each ``{"from": "gpt", "value": ...}``. Extra keys are kept."""
+
+    images: tuple[str, ...]
+    prompt: str
+    chosen_step: str
+    rejected_step: str
+    chosen: str
+    rejected: str
+    raw: dict[str, Any] = field(repr=False, hash=False)
+    source: str = field(default=MEMORY, compare=False)
+    index: int = field(default=-1, compare=False)
+
+    @classmethod
+    def from_raw(cls, raw: Any, source: str = MEMORY, index: int = -1) -> PreferenceRecord:
+        if not isinstance(raw, dict):
+            raise _error(source, index, "<record>", f"expected an object, got {type(raw).__name__}")
+        images = _get(raw, "images", list, source, index)
+        if not images or not all(isinstance(p, str) for p in images):
+            raise _error(source, index, "images", f"expected a non-empty list of paths, got {images!r:.120}")
+        turns = _get(raw, "conversations", list, source, index)
+        if len(turns) != 1:
+            raise _error(source, index, "conversations", f"expected 1 human turn, got {len(turns)} turns")
+        steps = {k: _turn(raw.get(k), "gpt", source, index, k) for k in _PREF_KEYS[2:]}
+        return cls(
+            images=tuple(images),
+            prompt=_turn(turns[0], "human", source, index, "conversations[0]"),
+            **steps,
+            raw=raw,
+            source=source,
+            index=index,
+        )
+
+    @property
+    def extra(self) -> dict[str, Any]:
+        """Keys beyond the LLaMA-Factory columns (uid, scores, crop paths, ...)."""
+        return {k: v for k, v in self.raw.items() if k not in _PREF_KEYS}
+
+
+def make_preference_record(
+    *,
+    images: Sequence[str],
+    prompt: str,
+    chosen_step: str,
+    rejected_step: str,
+    chosen: str,
+    rejected: str,
+    extra: Mapping[str, Any] | None = None,
+) -> PreferenceRecord:
+    """Build a pair in the VisRL layout; ``extra`` keys are appended and preserved."""
+    gpt = lambda v: {"from": "gpt", "value": v}  # noqa: E731
+    base = {
+        "images": list(images),
+        "conversations": [{"from": "human", "value": prompt}],
+        "chosen_step": gpt(chosen_step),
+        "rejected_step": gpt(rejected_step),
+        "chosen": gpt(chosen),
+        "rejected": gpt(rejected),
+    }
+    return PreferenceRecord.from_raw(_with_extra(base, extra))
+
+
+def read_pairs(path: str | Path) -> list[PreferenceRecord]:
+    path = Path(path)
+    return [PreferenceRecord.from_raw(raw, str(path), i) for i, raw in enumerate(_load_json_list(path))]
+
+
+def write_pairs(records: Iterable[PreferenceRecord], path: str | Path, indent: int | None = 2) -> None:
+    _write_atomic(Path(path), json.dumps([r.raw for r in records], indent=indent, ensure_ascii=False))

@@ -1,0 +1,141 @@
+"""Hydra multirun bookkeeping: job status markers, the sweep root, and the running job's identity.
+
+A VisRL sweep (e.g. ``model=a,b objective.beta=0.05,0.1``; paper §4 ablations) is many pipeline runs under one
+Hydra sweep directory. ``run.py`` marks each job when it ends, so that ``visrl.report`` can tell complete,
+failed and still-running/killed jobs apart without parsing logs, and so that a relaunch can skip finished jobs:
+
+* ``<job_dir>/DONE``   written by :func:`mark_complete` (an ISO timestamp); also implied by ``summary.json``;
+* ``<job_dir>/FAILED`` written by :func:`mark_failed`: the exception type, message and full traceback.
+
+``run.py`` usage::
+
+    try:
+        visrl.pipeline.run(cfg)
+    except Exception as exc:
+        mark_failed(job_dir, exc)
+        raise            # or swallow it in a multirun so the other jobs go on
+    else:
+        mark_complete(job_dir)
+
+:func:`hydra_job_info` reads the Hydra runtime (when there is one) for the W&B group/name defaults.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = [
+    "DONE",
+    "FAILED",
+    "HydraJobInfo",
+    "failure_message",
+    "hydra_job_info",
+    "is_complete",
+    "is_failed",
+    "job_status",
+    "mark_complete",
+    "mark_failed",
+    "sweep_group_name",
+    "sweep_root_of",
+]
+
+DONE = "DONE"
+FAILED = "FAILED"
+SUMMARY = "summary.json"
+MULTIRUN_YAML = "multirun.yaml"  # written by Hydra's sweeper at the root of every sweep dir
+
+
+def is_complete(job_dir: str | Path) -> bool:
+    """True if the job finished: a ``DONE`` marker or a ``summary.json`` exists."""
+    job_dir = Path(job_dir)
+    return (job_dir / DONE).is_file() or (job_dir / SUMMARY).is_file()
+
+
+def is_failed(job_dir: str | Path) -> bool:
+    """True if the job crashed (``FAILED`` marker) and was not completed since."""
+    return (Path(job_dir) / FAILED).is_file() and not is_complete(job_dir)
+
+
+def job_status(job_dir: str | Path) -> str:
+    """``"complete"``, ``"failed"`` or ``"incomplete"`` (running, killed, or never started)."""
+    if is_complete(job_dir):
+        return "complete"
+    return "failed" if is_failed(job_dir) else "incomplete"
+
+
+def mark_complete(job_dir: str | Path) -> Path:
+    """Write ``DONE`` (removing a stale ``FAILED`` from an earlier attempt); returns the marker path."""
+    job_dir = Path(job_dir)
+    job_dir.mkdir(parents=True, exist_ok=True)
+    (job_dir / FAILED).unlink(missing_ok=True)
+    marker = job_dir / DONE
+    marker.write_text(_dt.datetime.now(_dt.timezone.utc).isoformat() + "\n", encoding="utf-8")
+    return marker
+
+
+def mark_failed(job_dir: str | Path, exc: BaseException) -> Path:
+    """Write ``FAILED`` with ``exc``'s traceback (removing ``DONE``); returns the marker path."""
+    job_dir = Path(job_dir)
+    job_dir.mkdir(parents=True, exist_ok=True)
+    (job_dir / DONE).unlink(missing_ok=True)
+    text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    marker = job_dir / FAILED
+    marker.write_text(text, encoding="utf-8")
+    return marker
+
+
+def failure_message(job_dir: str | Path) -> str:
+    """The last non-empty line of ``FAILED`` (``"ExcType: message"``), or "" when there is none."""
+    path = Path(job_dir) / FAILED
+    if not path.is_file():
+        return ""
+    lines = [
+        ln.strip() for ln in path.read_text(encoding="utf-8", errors="replace").splitlines() if ln.strip()
+    ]
+    return lines[-1] if lines else ""
+
+
+def sweep_root_of(job_dir: str | Path) -> Path | None:
+    """The sweep directory holding ``job_dir`` (nearest ancestor with Hydra's ``multirun.yaml``), or None."""
+    job_dir = Path(job_dir).resolve()
+    for parent in (job_dir, *job_dir.parents):
+        if (parent / MULTIRUN_YAML).is_file():
+            return parent
+    return None
+
+
+def sweep_group_name(sweep_dir: str | Path) -> str:
+    """The W&B group of a sweep: the sweep dir's name (``multirun/<VISRL_SWEEP or timestamp>`` in conf/hydra)."""
+    return Path(sweep_dir).name or "sweep"
+
+
+@dataclass(frozen=True)
+class HydraJobInfo:
+    """What the running Hydra job says about itself (``None`` fields when Hydra did not set them)."""
+
+    multirun: bool
+    sweep_dir: str | None
+    override_dirname: str
+    job_num: int | None
+
+
+def hydra_job_info() -> HydraJobInfo | None:
+    """The current Hydra job's mode/sweep dir/override string, or None outside ``@hydra.main``."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+    except ImportError:  # pragma: no cover - hydra is a dependency
+        return None
+    if not HydraConfig.initialized():
+        return None
+    hc = HydraConfig.get()
+    multirun = hc.mode == RunMode.MULTIRUN
+    return HydraJobInfo(
+        multirun=multirun,
+        sweep_dir=str(hc.sweep.dir) if multirun else None,
+        override_dirname=str(hc.job.get("override_dirname", "") or ""),
+        job_num=int(hc.job.num) if hc.job.get("num") is not None else None,
+    )

@@ -1,0 +1,66 @@
+"""Step-level DPO: weighted sum of per-step preference losses, plus the optional SFT (``ftx``) term.
+
+VisRL (reference-method.md §2.4) trains in two stages on the same preference pairs:
+
+* stage 1: ``L1 = L_DPO(x1 = (I, q); b_w, b_l)`` -- the box step only;
+* stage 2: ``L2 = 0.5 L_DPO(x1; b_w, b_l) + 0.5 L_DPO(x2 = (I, q, c(b_w)); a_w, a_l)``.
+
+A stage is therefore just a mapping from step name to weight (``{"box": 1}``, then
+``{"box": 0.5, "answer": 0.5}``; :data:`REFERENCE_STAGE_WEIGHTS`), and :func:`step_dpo_loss` combines
+the per-step :class:`~visrl.losses.preference.PreferenceLossOutput` s with it. Stages live in config
+(``conf/stage``), not in code.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import torch
+from torch import Tensor
+
+from visrl.losses.preference import PreferenceLossOutput
+
+__all__ = ["REFERENCE_STAGE_WEIGHTS", "sft_term", "step_dpo_loss"]
+
+REFERENCE_STAGE_WEIGHTS: Mapping[str, Mapping[str, float]] = {
+    "stage1": {"box": 1.0},
+    "stage2": {"box": 0.5, "answer": 0.5},
+}
+
+
+def sft_term(chosen_logps: Tensor, chosen_n_tokens: Tensor) -> Tensor:
+    """Per-example mean token NLL of the chosen completion, ``-logp(y_w) / n(y_w)``, shape ``[B]``.
+
+    This is the ``ftx`` term of LLaMA-Factory's DPO (``sft_loss = -policy_chosen_logps_avg``), added by the
+    caller as ``loss + ftx * sft_term(...).mean()``. The VisRL reference uses ``ftx = 0``. Token counts are
+    clamped to >= 1 (a completion always has at least its end-of-turn token).
+    """
+    if chosen_logps.dim() != 1 or chosen_n_tokens.shape != chosen_logps.shape:
+        raise ValueError(
+            "visrl.losses.sft_term: chosen_logps and chosen_n_tokens must both be 1-D [B] tensors, got "
+            f"{tuple(chosen_logps.shape)} and {tuple(chosen_n_tokens.shape)}"
+        )
+    return -chosen_logps / chosen_n_tokens.to(chosen_logps.dtype).clamp(min=1.0)
+
+
+def step_dpo_loss(step_outputs: Mapping[str, PreferenceLossOutput], weights: Mapping[str, float]) -> Tensor:
+    """``sum_s weights[s] * mean_B(step_outputs[s].losses)``: a scalar tensor.
+
+    Every weighted step must be present in ``step_outputs``; extra steps (e.g. computed only for
+    logging) are left out of the loss. Weights must be finite and >= 0, and not all zero.
+    """
+    if not weights:
+        raise ValueError("visrl.losses.step_dpo_loss: weights is empty; a stage needs at least one step")
+    missing = sorted(set(weights) - set(step_outputs))
+    if missing:
+        raise ValueError(
+            f"visrl.losses.step_dpo_loss: weighted steps {missing} have no loss; got steps {sorted(step_outputs)}"
+        )
+    bad = {k: w for k, w in weights.items() if not (math.isfinite(w) and w >= 0)}
+    if bad or not any(weights.values()):
+        raise ValueError(
+            f"visrl.losses.step_dpo_loss: weights must be finite, >= 0 and not all zero, got {dict(weights)}"
+        )
+    terms = [w * step_outputs[step].losses.mean() for step, w in weights.items()]  # each a scalar
+    return torch.stack(terms).sum()

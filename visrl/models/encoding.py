@@ -1,0 +1,312 @@
+"""Prompts and completions -> model tensors, one encoder per VLM family.
+
+Why: every consumer of a backbone (SFT and step-level DPO data, rollouts, scorers, benchmarks; paper §3)
+turns a :class:`~visrl.prompts.Prompt` (turns of text and PIL images) plus a completion string into the
+exact tensors the Hugging Face model expects. Families differ only in how an image becomes placeholder
+tokens and vision tensors:
+
+* Qwen2-VL / Qwen2.5-VL: the image processor returns flattened patches ``pixel_values`` [n_patches, C*T*p*p]
+  and ``image_grid_thw`` [1, 3]; the chat template writes one ``<|image_pad|>`` per image, which is expanded
+  to ``t*h*w / merge²`` copies; ``mm_token_type_ids`` (0 text, 1 image) is required for M-RoPE in both
+  forward and generate.
+* LLaVA: ``pixel_values`` [1, 3, H, W]; one ``<image>`` becomes ``(H/p)*(W/p) + extra - (1 if CLS dropped)``
+  copies. Non-square images are padded to a square (LLaVA-1.5's "pad" aspect mode, the frame VisCoT's
+  boxes live in) instead of the processor's centre crop, which would break box coordinates.
+
+The code only uses the processor API (``processor.tokenizer``, ``processor.image_processor``,
+``processor.chat_template``, LLaVA's ``patch_size`` / ``num_additional_image_tokens`` /
+``vision_feature_select_strategy``), so it serves the tiny and the real 7B processors alike. Processed
+pixels are cached per image object, so an image shared by N sampled candidates is processed once.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+
+from visrl.prompts import Prompt
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class EncodedPrompt:
+    """A prompt as token ids (image placeholders expanded) plus its vision tensors."""
+
+    input_ids: list[int]
+    token_type_ids: list[int] | None  # mm_token_type_ids (0 text, 1 image) for the Qwen families
+    vision: dict[str, Tensor]  # e.g. pixel_values, image_grid_thw; concatenated over the prompt's images
+
+
+class VLMEncoder:
+    """Family-independent encoding; subclasses define how one image becomes tensors and tokens."""
+
+    family = "base"
+    uses_token_types = False
+
+    def __init__(self, processor: Any, end_of_turn: str | None = None, cache_size: int = 128) -> None:
+        self.processor = processor
+        self.tokenizer = processor.tokenizer
+        self.image_processor = processor.image_processor
+        self.chat_template = getattr(processor, "chat_template", None) or self.tokenizer.chat_template
+        if self.chat_template is None:
+            raise ValueError(f"{type(self).__name__}: the processor and its tokenizer have no chat template")
+        self.image_token = processor.image_token
+        self.image_token_id = self.tokenizer.convert_tokens_to_ids(self.image_token)
+        if end_of_turn is None:
+            vocab = self.tokenizer.get_vocab()
+            end_of_turn = "<|im_end|>" if "<|im_end|>" in vocab else self.tokenizer.eos_token
+        self.end_of_turn = end_of_turn
+        self.end_of_turn_ids: list[int] = self.tokenizer(end_of_turn, add_special_tokens=False).input_ids
+        pad = self.tokenizer.pad_token_id
+        self.pad_token_id = pad if pad is not None else self.tokenizer.eos_token_id
+        stops = {self.end_of_turn_ids[-1], self.tokenizer.eos_token_id, self.pad_token_id}
+        self.stop_token_ids: list[int] = sorted(i for i in stops if i is not None)
+        self._cache: OrderedDict[int, tuple[Image.Image, dict[str, Tensor], int]] = OrderedDict()
+        self._cache_size = cache_size
+
+    # ---- per-image work (family specific) -------------------------------------------------------------
+    def _process_image(self, image: Image.Image) -> tuple[dict[str, Tensor], int]:
+        """One image -> (vision tensors with a leading per-image dim, number of placeholder tokens)."""
+        raise NotImplementedError
+
+    def processed_size(self, image: Image.Image) -> tuple[int, int]:
+        """(W, H) of the image as the model sees it after processing (Qwen2.5-VL boxes use this frame)."""
+        raise NotImplementedError
+
+    def image_features(self, image: Image.Image) -> tuple[dict[str, Tensor], int]:
+        """Cached :meth:`_process_image`; the cache keeps the image alive so its id is never reused."""
+        key = id(image)
+        hit = self._cache.get(key)
+        if hit is not None and hit[0] is image:
+            self._cache.move_to_end(key)
+            return hit[1], hit[2]
+        vision, n_tokens = self._process_image(image)
+        self._cache[key] = (image, vision, n_tokens)
+        if len(self._cache) > self._cache_size:
+            self._cache.popitem(last=False)
+        return vision, n_tokens
+
+    # ---- prompts --------------------------------------------------------------------------------------
+    @staticmethod
+    def conversation(prompt: Prompt) -> list[dict[str, Any]]:
+        """Prompt -> chat-template messages with structured content (images keep their place)."""
+        messages = []
+        for message in prompt:
+            content = [
+                {"type": "text", "text": p} if isinstance(p, str) else {"type": "image"}
+                for p in message.parts
+            ]
+            messages.append({"role": message.role, "content": content})
+        return messages
+
+    def encode_prompt(self, prompt: Prompt) -> EncodedPrompt:
+        if not prompt or prompt[-1].role != "user":
+            raise ValueError(
+                f"{type(self).__name__}.encode_prompt: a prompt must end with a user turn, got {prompt!r}"
+            )
+        text = self.tokenizer.apply_chat_template(
+            self.conversation(prompt),
+            chat_template=self.chat_template,
+            tokenize=False,
+            add_generation_prompt=True,
+        )
+        ids: list[int] = self.tokenizer(text, add_special_tokens=True).input_ids
+        images = [im for message in prompt for im in message.images]
+        n_markers = ids.count(self.image_token_id)
+        if n_markers != len(images):
+            raise ValueError(
+                f"{type(self).__name__}.encode_prompt: the rendered prompt has {n_markers} image tokens "
+                f"{self.image_token!r} but the prompt holds {len(images)} images (text: {text[:200]!r})"
+            )
+        features = [self.image_features(im) for im in images]
+        expanded: list[int] = []
+        types: list[int] = []
+        next_image = 0
+        for tok in ids:
+            if tok == self.image_token_id:
+                n = features[next_image][1]
+                expanded.extend([tok] * n)
+                types.extend([1] * n)
+                next_image += 1
+            else:
+                expanded.append(tok)
+                types.append(0)
+        vision = {
+            k: torch.cat([f[0][k] for f in features], dim=0) for k in (features[0][0] if features else {})
+        }
+        return EncodedPrompt(expanded, types if self.uses_token_types else None, vision)
+
+    def encode_completion(self, text: str) -> list[int]:
+        """Token ids of ``text`` followed by the end-of-turn token(s)."""
+        return self.tokenizer(text, add_special_tokens=False).input_ids + self.end_of_turn_ids
+
+    def decode(self, ids: Sequence[int] | Tensor) -> str:
+        """Decode generated ids, cut at the first end-of-turn / eos / pad token, stripped.
+
+        Special tokens before the cut are kept (a Qwen2-VL box is written with ``<|box_start|>``).
+        """
+        ids = ids.tolist() if isinstance(ids, Tensor) else list(ids)
+        stops = set(self.stop_token_ids)
+        cut = next((i for i, t in enumerate(ids) if t in stops), len(ids))
+        return self.tokenizer.decode(ids[:cut], skip_special_tokens=False).strip()
+
+    # ---- batches --------------------------------------------------------------------------------------
+    def collate(
+        self,
+        prompts: Sequence[EncodedPrompt],
+        completions: Sequence[list[int]] | None = None,
+        padding_side: str = "right",
+    ) -> dict[str, Tensor]:
+        """Pad token-aligned fields to [B, T]; concatenate vision fields on dim 0; labels -100 off-completion."""
+        if padding_side not in ("left", "right"):
+            raise ValueError(f"collate: padding_side must be 'left' or 'right', got {padding_side!r}")
+        if completions is not None and len(completions) != len(prompts):
+            raise ValueError(f"collate: {len(prompts)} prompts but {len(completions)} completions")
+        rows, labels, types = [], [], []
+        for i, p in enumerate(prompts):
+            comp = list(completions[i]) if completions is not None else []
+            rows.append(p.input_ids + comp)
+            labels.append([IGNORE_INDEX] * len(p.input_ids) + comp)
+            types.append((p.token_type_ids or [0] * len(p.input_ids)) + [0] * len(comp))
+        width = max(len(r) for r in rows)
+
+        def pad(seqs: list[list[int]], value: int) -> Tensor:
+            out = []
+            for s in seqs:
+                fill = [value] * (width - len(s))
+                out.append(fill + s if padding_side == "left" else s + fill)
+            return torch.tensor(out, dtype=torch.long)  # [B, T]
+
+        batch = {
+            "input_ids": pad(rows, self.pad_token_id),
+            "attention_mask": pad([[1] * len(r) for r in rows], 0),
+        }
+        if self.uses_token_types:
+            batch["mm_token_type_ids"] = pad(types, 0)
+        if completions is not None:
+            batch["labels"] = pad(labels, IGNORE_INDEX)
+        keys = {k for p in prompts for k in p.vision}
+        for k in sorted(keys):
+            batch[k] = torch.cat([p.vision[k] for p in prompts if k in p.vision], dim=0)
+        return batch
+
+
+class QwenEncoder(VLMEncoder):
+    """Qwen2-VL and Qwen2.5-VL: dynamic-resolution patches, ``image_grid_thw``, ``mm_token_type_ids``."""
+
+    family = "qwen2vl"
+    uses_token_types = True
+
+    def _process_image(self, image: Image.Image) -> tuple[dict[str, Tensor], int]:
+        image = image.convert("RGB")
+        out = self._fast_pixels(image) or self.image_processor(images=[image], return_tensors="pt")
+        grid = out["image_grid_thw"]  # [1, 3]
+        merge = self.image_processor.merge_size
+        n_tokens = int(grid.prod().item()) // (merge * merge)
+        return {
+            "pixel_values": out["pixel_values"],
+            "image_grid_thw": grid,
+        }, n_tokens  # [n_patches, D], [1, 3]
+
+    def _fast_pixels(self, image: Image.Image) -> dict[str, Tensor] | None:
+        """Bit-exact shortcut of the PIL Qwen processor for an image it would not resize (~10x faster).
+
+        The tiny pipeline resizes every image and crop to ``image_size`` first, so this is the hot path of
+        rollouts; anything else (other sizes, other processors) goes through the processor itself.
+        """
+        from transformers import Qwen2VLImageProcessorPil
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
+
+        ip = self.image_processor
+        if type(ip) is not Qwen2VLImageProcessorPil or not (ip.do_rescale and ip.do_normalize):
+            return None
+        w, h = image.size
+        patch, merge, temporal = ip.patch_size, ip.merge_size, ip.temporal_patch_size
+        size = ip.size
+        if (h, w) != smart_resize(h, w, patch * merge, size["shortest_edge"], size["longest_edge"]):
+            return None
+        pixels = (np.asarray(image).astype(np.float64) * ip.rescale_factor).astype(np.float32)  # [H, W, 3]
+        mean = np.array(ip.image_mean, dtype=np.float32)
+        std = np.array(ip.image_std, dtype=np.float32)
+        pixels = ((pixels - mean) / std).transpose(2, 0, 1)  # [3, H, W]
+        patches, gh, gw = ip.patchify(
+            pixels, patch_size=patch, merge_size=merge, temporal_patch_size=temporal
+        )
+        return {
+            "pixel_values": torch.from_numpy(np.ascontiguousarray(patches)),  # [gh*gw, 3*T*p*p]
+            "image_grid_thw": torch.tensor([[1, gh, gw]], dtype=torch.long),
+        }
+
+    def processed_size(self, image: Image.Image) -> tuple[int, int]:
+        grid = self.image_features(image)[0]["image_grid_thw"][0]
+        patch = self.image_processor.patch_size
+        return int(grid[2]) * patch, int(grid[1]) * patch
+
+
+class Qwen25Encoder(QwenEncoder):
+    family = "qwen25vl"
+
+
+class LlavaEncoder(VLMEncoder):
+    """LLaVA(-1.5): fixed-size square images, CLS token dropped by the "default" feature strategy."""
+
+    family = "llava"
+
+    def __init__(
+        self,
+        processor: Any,
+        end_of_turn: str | None = None,
+        cache_size: int = 128,
+        pad_to_square: bool = True,
+    ) -> None:
+        super().__init__(processor, end_of_turn, cache_size)
+        self.pad_to_square = pad_to_square
+
+    def _square(self, image: Image.Image) -> Image.Image:
+        """Pad to a square with the normalisation mean colour (LLaVA's ``expand2square``), centred."""
+        image = image.convert("RGB")
+        w, h = image.size
+        if w == h or not self.pad_to_square:
+            return image
+        mean = getattr(self.image_processor, "image_mean", None) or (0.5, 0.5, 0.5)
+        side = max(w, h)
+        canvas = Image.new("RGB", (side, side), tuple(int(round(255 * m)) for m in mean))
+        canvas.paste(image, ((side - w) // 2, (side - h) // 2))
+        return canvas
+
+    def _process_image(self, image: Image.Image) -> tuple[dict[str, Tensor], int]:
+        pixels = self.image_processor(images=[self._square(image)], return_tensors="pt")[
+            "pixel_values"
+        ]  # [1,3,H,W]
+        patch = self.processor.patch_size
+        n_tokens = (pixels.shape[-2] // patch) * (pixels.shape[-1] // patch)
+        n_tokens += getattr(self.processor, "num_additional_image_tokens", 0) or 0
+        if getattr(self.processor, "vision_feature_select_strategy", "default") == "default":
+            n_tokens -= 1
+        return {"pixel_values": pixels}, n_tokens
+
+    def processed_size(self, image: Image.Image) -> tuple[int, int]:
+        pixels = self.image_features(image)[0]["pixel_values"]
+        return int(pixels.shape[-1]), int(pixels.shape[-2])
+
+
+ENCODERS: dict[str, type[VLMEncoder]] = {
+    "llava": LlavaEncoder,
+    "qwen2vl": QwenEncoder,
+    "qwen25vl": Qwen25Encoder,
+}
+
+
+def make_encoder(family: str, processor: Any, **kwargs: Any) -> VLMEncoder:
+    """The encoder of ``family`` ("llava", "qwen2vl", "qwen25vl") around ``processor``."""
+    if family not in ENCODERS:
+        raise ValueError(f"make_encoder: unknown family {family!r}; valid: {sorted(ENCODERS)}")
+    return ENCODERS[family](processor, **kwargs)

@@ -1,0 +1,273 @@
+"""Sweep report: one table (and one plot per metric) over the jobs of a Hydra multirun.
+
+``python -m visrl.report SWEEP_DIR [--out DIR]`` reads every job directory under ``SWEEP_DIR`` (those with
+``.hydra/overrides.yaml``), and writes ``report.md``, ``report.csv`` and ``plots/<metric>.png`` to ``DIR``
+(default ``SWEEP_DIR/report``); the markdown table is printed with ``rich``. This is how the ablations of
+VisRL §4 (beta, iterations, backbone, reward mix) are read off a sweep.
+
+Row per job: the job's overrides (one column per overridden key, typed by Hydra's override parser), its
+``status`` (``complete`` | ``failed`` | ``incomplete``, see :mod:`visrl.logging.sweep`), the final iteration's
+metrics from ``summary.json`` and the iteration-0 (SFT warm-up) metrics prefixed ``sft/``, and for failed jobs
+the last line of the ``FAILED`` traceback. A failed or unreadable job is reported in its row, never a crash.
+
+Plots: a metric against the swept numeric override (the first one, when several are numeric), one line per
+combination of the other swept overrides, error bars from ``<metric>_ci`` when present; a bar chart per job
+when nothing numeric is swept. Only complete jobs are plotted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import re
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from visrl.logging.sweep import failure_message, job_status
+
+__all__ = [
+    "JobResult",
+    "Report",
+    "find_jobs",
+    "load_job",
+    "main",
+    "parse_overrides",
+    "report_table",
+    "write_report",
+]
+
+OVERRIDES = Path(".hydra") / "overrides.yaml"
+
+
+@dataclass
+class JobResult:
+    """One job of a sweep, as the report sees it."""
+
+    job_dir: Path
+    name: str  # path relative to the sweep dir
+    overrides: dict[str, Any]
+    status: str
+    metrics: dict[str, float] = field(default_factory=dict)  # final iteration + "sft/..." (iteration 0)
+    intervals: dict[str, tuple[float, float]] = field(default_factory=dict)  # metric -> bootstrap [lo, hi]
+    error: str = ""
+
+
+@dataclass
+class Report:
+    """What :func:`write_report` produced."""
+
+    sweep_dir: Path
+    markdown: str
+    markdown_path: Path
+    csv_path: Path
+    plots: list[Path]
+    jobs: list[JobResult]
+
+
+def _natural_key(path: Path) -> list[Any]:
+    """Sort key with embedded numbers compared as numbers: ``beta=0.05 < beta=0.1``, ``2 < 10``."""
+    return [float(t) if i % 2 else t for i, t in enumerate(re.split(r"(\d+(?:\.\d+)?)", path.as_posix()))]
+
+
+def _job_num(job_dir: Path) -> int | None:
+    """Hydra's ``hydra.job.num`` from ``.hydra/hydra.yaml`` (the sweep's launch order), if readable."""
+    try:
+        num = yaml.safe_load((job_dir / ".hydra" / "hydra.yaml").read_text(encoding="utf-8"))["hydra"]["job"][
+            "num"
+        ]
+        return int(num)
+    except (OSError, yaml.YAMLError, KeyError, TypeError, ValueError):
+        return None
+
+
+def find_jobs(sweep_dir: str | Path) -> list[Path]:
+    """Job directories under ``sweep_dir`` (holding ``.hydra/overrides.yaml``), in Hydra's job order, else
+    in natural path order."""
+    sweep_dir = Path(sweep_dir)
+    jobs = [p.parent.parent for p in sweep_dir.rglob("overrides.yaml") if p.parent.name == ".hydra"]
+
+    def key(job: Path) -> tuple[bool, int, list[Any]]:
+        num = _job_num(job)
+        return (num is None, num or 0, _natural_key(job.relative_to(sweep_dir)))
+
+    return sorted(jobs, key=key)
+
+
+def parse_overrides(path: str | Path) -> dict[str, Any]:
+    """``key -> typed value`` from a Hydra ``overrides.yaml`` (``+``/``~`` dropped; a delete gives None)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    path = Path(path)
+    lines = yaml.safe_load(path.read_text(encoding="utf-8")) or []
+    if not isinstance(lines, list):
+        raise ValueError(f"{path}: expected a YAML list of override strings")
+    out: dict[str, Any] = {}
+    parser = OverridesParser.create()
+    for idx, line in enumerate(lines):
+        try:
+            (override,) = parser.parse_overrides([str(line)])
+        except Exception as exc:  # hydra raises OverrideParseException; report which line
+            raise ValueError(f"{path}: override {idx} {line!r} does not parse: {exc}") from exc
+        key = override.key_or_group + (f"@{override.package}" if override.package else "")
+        value = None if override.is_delete() else override.value()
+        out[key] = value if isinstance(value, (str, int, float, bool, type(None))) else str(value)
+    return out
+
+
+def _read_summary(job_dir: Path) -> tuple[dict[str, float], dict[str, tuple[float, float]]]:
+    """Final + ``sft/`` scalar metrics and their intervals from ``summary.json``; raises ValueError."""
+    path = job_dir / "summary.json"
+    summary = json.loads(path.read_text(encoding="utf-8"))
+    iterations = summary.get("iterations") if isinstance(summary, dict) else None
+    if not isinstance(iterations, list) or not iterations:
+        raise ValueError(f"{path}: expected a non-empty 'iterations' list")
+    for idx, entry in enumerate(iterations):
+        if not isinstance(entry, dict) or "iter" not in entry or not isinstance(entry.get("metrics"), dict):
+            raise ValueError(f"{path}: iterations[{idx}] needs 'iter' and a 'metrics' object")
+    by_iter = sorted(iterations, key=lambda e: int(e["iter"]))
+    metrics: dict[str, float] = {}
+    intervals: dict[str, tuple[float, float]] = {}
+    for prefix, entry in (("", by_iter[-1]), ("sft/", by_iter[0])):
+        if prefix and int(entry["iter"]) != 0:
+            continue  # no SFT warm-up recorded
+        for key, value in entry["metrics"].items():
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                continue
+            metrics[prefix + key] = float(value)
+            ci = entry["metrics"].get(f"{key}_ci")
+            if isinstance(ci, (list, tuple)) and len(ci) == 2:
+                intervals[prefix + key] = (float(ci[0]), float(ci[1]))
+    return metrics, intervals
+
+
+def load_job(job_dir: str | Path, sweep_dir: str | Path) -> JobResult:
+    """Read one job; problems (unparsable overrides, a broken summary) go into ``error``, never raise."""
+    job_dir, sweep_dir = Path(job_dir), Path(sweep_dir)
+    job = JobResult(job_dir, job_dir.relative_to(sweep_dir).as_posix() or ".", {}, job_status(job_dir))
+    try:
+        job.overrides = parse_overrides(job_dir / OVERRIDES)
+    except (OSError, ValueError, yaml.YAMLError) as exc:
+        job.error = str(exc)
+    if job.status == "failed":
+        job.error = job.error or failure_message(job_dir)
+    elif (job_dir / "summary.json").is_file():
+        try:
+            job.metrics, job.intervals = _read_summary(job_dir)
+        except (OSError, ValueError) as exc:  # JSONDecodeError is a ValueError
+            job.status, job.error = "incomplete", f"unreadable summary.json: {exc}"
+    return job
+
+
+def swept_keys(jobs: Sequence[JobResult]) -> list[str]:
+    """Override keys whose value differs between jobs (first-appearance order)."""
+    keys = list(dict.fromkeys(k for j in jobs for k in j.overrides))
+    return [k for k in keys if len({repr(j.overrides.get(k)) for j in jobs}) > 1]
+
+
+def report_table(jobs: Sequence[JobResult]) -> tuple[list[str], list[list[Any]]]:
+    """Columns ``job, <overrides...>, status, <final metrics...>, <sft/ metrics...>, error`` and one row per job."""
+    override_cols = list(dict.fromkeys(k for j in jobs for k in j.overrides))
+    metric_cols = sorted({k for j in jobs for k in j.metrics}, key=lambda k: (k.startswith("sft/"), k))
+    columns = ["job", *override_cols, "status", *metric_cols, "error"]
+    rows = [
+        [
+            j.name,
+            *(j.overrides.get(k) for k in override_cols),
+            j.status,
+            *(j.metrics.get(k) for k in metric_cols),
+            j.error,
+        ]
+        for j in jobs
+    ]
+    return columns, rows
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value).replace("|", "\\|").replace("\n", " ")
+
+
+def to_markdown(columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """A GitHub-flavoured markdown table."""
+    lines = ["| " + " | ".join(_cell(c) for c in columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(_cell(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def write_report(sweep_dir: str | Path, out_dir: str | Path | None = None) -> Report:
+    """Aggregate the sweep into ``out_dir`` (default ``<sweep_dir>/report``): report.md/.csv and plots."""
+    from visrl.logging.sweep_plots import plot_sweep_metrics
+
+    sweep_dir = Path(sweep_dir)
+    if not sweep_dir.is_dir():
+        raise FileNotFoundError(f"sweep directory not found: {sweep_dir}")
+    job_dirs = find_jobs(sweep_dir)
+    if not job_dirs:
+        raise ValueError(f"{sweep_dir}: no job directories (no */.hydra/overrides.yaml below it)")
+    out = Path(out_dir) if out_dir is not None else sweep_dir / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    jobs = [load_job(d, sweep_dir) for d in job_dirs]
+    columns, rows = report_table(jobs)
+    counts = {s: sum(j.status == s for j in jobs) for s in ("complete", "failed", "incomplete")}
+    header = f"# Sweep report: {sweep_dir}\n\n" + ", ".join(f"{n} {s}" for s, n in counts.items()) + "\n\n"
+    markdown = header + to_markdown(columns, rows)
+    (out / "report.md").write_text(markdown, encoding="utf-8")
+    with (out / "report.csv").open("w", newline="", encoding="utf-8") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(columns)
+        writer.writerows([["" if v is None else v for v in row] for row in rows])
+    plots = plot_sweep_metrics(jobs, swept_keys(jobs), out / "plots")
+    return Report(sweep_dir, markdown, out / "report.md", out / "report.csv", plots, jobs)
+
+
+_STATUS_STYLE = {"complete": "green", "failed": "bold red", "incomplete": "yellow"}
+
+
+def print_report(report: Report) -> None:
+    """Print the report table with ``rich`` (cells fold rather than being cut; full width when piped)."""
+    from rich.console import Console
+    from rich.table import Table
+    from rich.text import Text
+
+    console = Console()
+    if not console.is_terminal:
+        console = Console(width=max(console.width, 1000))  # a file/pipe: keep every row on one line
+    columns, rows = report_table(report.jobs)
+    counts = ", ".join(f"{sum(j.status == s for j in report.jobs)} {s}" for s in _STATUS_STYLE)
+    table = Table(title=f"Sweep report: {report.sweep_dir} ({counts})", title_justify="left")
+    for column in columns:
+        table.add_column(column, overflow="fold")
+    status = columns.index("status")
+    for row in rows:
+        cells = [Text(_cell(v).replace("\\|", "|")) for v in row]  # Text: no markup parsing of values
+        cells[status].stylize(_STATUS_STYLE.get(row[status], ""))
+        table.add_row(*cells)
+    console.print(table)
+    console.print(f"wrote {report.markdown_path}, {report.csv_path} and {len(report.plots)} plot(s)")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m visrl.report", description=__doc__.split("\n\n")[0])
+    parser.add_argument("sweep_dir", type=Path, help="a Hydra multirun directory")
+    parser.add_argument("--out", type=Path, default=None, help="output directory (default SWEEP_DIR/report)")
+    args = parser.parse_args(argv)
+    try:
+        report = write_report(args.sweep_dir, args.out)
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"visrl.report: {exc}", file=sys.stderr)
+        return 2
+    print_report(report)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,140 @@
+"""The preference-pair filter of VisRL's self-evolution data (reference-method.md §2.3; data_gen/filter.py).
+
+Each question has several candidates (box, crop, answer), each scored twice by M_org: an *answer score*
+(how close the answer is to the standard answer) and a *crop score* (does the crop alone hold the
+information of the standard answer). Among the candidates whose two scores both exist, a question is kept
+only when the answer scores spread from ``<= answer_lo`` to ``>= answer_hi`` (and are not all equal), and
+
+* chosen   = the FIRST candidate whose answer score is the maximum AND whose crop score is ``>= crop_hi``;
+* rejected = the FIRST candidate whose answer score is the minimum AND whose crop score is ``<= crop_lo``.
+
+The crop gate is what keeps lucky guesses out of the pairs: a right answer from a crop that shows the
+wrong thing would otherwise be "chosen" and teach the model to ignore its crop
+(``shared/notes/toy-scale-findings.md``, "Trap"). ``min_margin`` (0 in the reference) additionally
+requires ``max - min >= min_margin``. Every drop has a reason string so the share of each reason can be
+logged per iteration.
+
+Departure: a non-finite score (nan, inf) is treated like a missing one; the reference would crash or
+compare nan as never-equal.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+__all__ = [
+    "REASONS",
+    "FilterConfig",
+    "FilterDecision",
+    "ScoredCandidate",
+    "count_reasons",
+    "select_pair",
+]
+
+KEPT = "kept"
+REASONS = (
+    KEPT,
+    "no_candidates",  # no candidate has both scores
+    "all_equal",  # max answer score == min answer score
+    "max_below_hi",  # max answer score < answer_hi
+    "min_above_lo",  # min answer score > answer_lo
+    "margin_below_min",  # max - min < min_margin
+    "no_chosen_crop",  # no max-answer candidate has crop score >= crop_hi
+    "no_rejected_crop",  # no min-answer candidate has crop score <= crop_lo
+)
+
+
+class Scored(Protocol):
+    """Anything with an ``index`` and the two scores (e.g. a rollout candidate row)."""
+
+    @property
+    def index(self) -> int: ...
+    @property
+    def answer_score(self) -> float | None: ...
+    @property
+    def crop_score(self) -> float | None: ...
+
+
+@dataclass(frozen=True)
+class ScoredCandidate:
+    """A minimal :class:`Scored`: the candidate's ``index`` within its question and its two scores."""
+
+    index: int
+    answer_score: float | None
+    crop_score: float | None
+
+
+@dataclass(frozen=True)
+class FilterConfig:
+    """Thresholds of the filter; the defaults are the reference's (answer and crop: 0.8 / 0.2, no margin)."""
+
+    answer_hi: float = 0.8
+    answer_lo: float = 0.2
+    crop_hi: float = 0.8
+    crop_lo: float = 0.2
+    min_margin: float = 0.0
+
+    def __post_init__(self) -> None:
+        for lo, hi in (("answer_lo", "answer_hi"), ("crop_lo", "crop_hi")):
+            vlo, vhi = getattr(self, lo), getattr(self, hi)
+            if not 0.0 <= vlo <= vhi <= 1.0:
+                raise ValueError(f"FilterConfig: need 0 <= {lo} <= {hi} <= 1, got {lo}={vlo}, {hi}={vhi}")
+        if not 0.0 <= self.min_margin <= 1.0:
+            raise ValueError(f"FilterConfig: min_margin must be in [0, 1], got {self.min_margin}")
+
+
+@dataclass(frozen=True)
+class FilterDecision:
+    """Outcome for one question: ``chosen`` / ``rejected`` are candidate indices when ``kept``."""
+
+    kept: bool
+    chosen: int | None
+    rejected: int | None
+    reason: str
+
+
+def _usable(score: float | None) -> bool:
+    return score is not None and math.isfinite(score)
+
+
+def _drop(reason: str) -> FilterDecision:
+    return FilterDecision(kept=False, chosen=None, rejected=None, reason=reason)
+
+
+def select_pair(candidates: Sequence[Scored], config: FilterConfig | None = None) -> FilterDecision:
+    """Apply the reference filter to the candidates of ONE question (in their generation order)."""
+    cfg = config if config is not None else FilterConfig()
+    # (index, answer score, crop score) of the candidates with both scores, in generation order
+    scored = [
+        (c.index, float(c.answer_score), float(c.crop_score))  # type: ignore[arg-type]
+        for c in candidates
+        if _usable(c.answer_score) and _usable(c.crop_score)
+    ]
+    if not scored:
+        return _drop("no_candidates")
+    hi, lo = max(a for _, a, _ in scored), min(a for _, a, _ in scored)
+    if hi == lo:
+        return _drop("all_equal")
+    if hi < cfg.answer_hi:
+        return _drop("max_below_hi")
+    if lo > cfg.answer_lo:
+        return _drop("min_above_lo")
+    if hi - lo < cfg.min_margin:
+        return _drop("margin_below_min")
+    chosen = next((i for i, a, c in scored if a == hi and c >= cfg.crop_hi), None)
+    if chosen is None:
+        return _drop("no_chosen_crop")
+    rejected = next((i for i, a, c in scored if a == lo and c <= cfg.crop_lo), None)
+    if rejected is None:
+        return _drop("no_rejected_crop")
+    return FilterDecision(kept=True, chosen=chosen, rejected=rejected, reason=KEPT)
+
+
+def count_reasons(decisions: Iterable[FilterDecision]) -> dict[str, int]:
+    """How many questions ended with each reason (every reason listed, zeros included), for stats.json."""
+    counts = Counter(d.reason for d in decisions)
+    return {reason: counts.get(reason, 0) for reason in REASONS}

@@ -1,0 +1,120 @@
+"""Base-model preparation for tiny backbones: what a pretrained LMM would bring to the synthetic world.
+
+VisRL starts from a pretrained multimodal model (Qwen2-VL-7B, LLaVA-1.5-7B). Weights cannot be downloaded
+here, so the tiny default backbone is first taught *generic* skills of the synthetic world, never the
+intention -> region pairs that VisRL avoids annotating:
+
+* ``locate`` (referring-expression grounding, as in a pretrained model's RefCOCO-style data): "Where is the
+  circle?" + full view -> the circle's box. Objects are named by *shape* here;
+* ``colour`` (region description): "What colour is the object in [1, 2, 2, 3]?" + full view -> "red";
+* ``read`` (reading a clear view, like OCR pretraining): a close-up of one object + the question about it ->
+  the pattern, with the ``direct`` template (also the prompt of the likelihood crop scorer).
+
+The CoT questions name objects by *colour* ("What pattern is on the red object? Please provide the bounding
+box ..."), so the SFT warm-up starts from a model that can see and ground, but has to learn which region a
+question needs from a few annotated examples: partial boxes, the room VisRL's self-evolution closes
+(shared/notes/toy-scale-findings.md: "make the CoT questions refer to objects differently from the base stage").
+The result is cached under a key derived from its configuration (a second run reuses it; any change of model,
+world or schedule rebuilds it). Real backbones skip this stage.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from visrl.data.images import crop_view, to_view
+from visrl.data.rows import Row
+from visrl.data.synthetic import Scene, WorldConfig, render_scene, sample_scene
+from visrl.prompts import PromptTemplates, user
+
+
+@dataclass(frozen=True)
+class BaseSkills:
+    """Which generic skills, on how many scenes, and the prompts that ask for them."""
+
+    n_scenes: int = 4000
+    locate: int = 1  # rows per scene of each skill
+    colour: int = 1
+    read: int = 1
+    locate_prompt: str = "Where is the {shape}?\n<image>"
+    colour_prompt: str = "What colour is the object in {box}?\n<image>"
+    seed: int = 1234
+
+
+def base_rows(world: WorldConfig, skills: BaseSkills, backbone, templates: PromptTemplates) -> list[Row]:
+    """Encode the base-skill rows (deterministic from ``skills.seed``)."""
+    rng = random.Random(skills.seed)
+    enc, fmt, size = backbone.encoder, backbone.box_format, backbone.image_size
+    rows: list[Row] = []
+
+    def add(prompt, completion: str, step: str, i: int) -> None:
+        rows.append(Row(enc.encode_prompt(prompt), (enc.encode_completion(completion),), step, f"base:{i}"))
+
+    for i in range(skills.n_scenes):
+        scene = sample_scene(rng, world)
+        image = render_scene(scene, world, seed=rng.randrange(2**31))
+        full = to_view(image, size)
+        for _ in range(skills.locate):
+            obj = rng.choice(scene.objects)
+            add([user(skills.locate_prompt, [full], shape=obj.shape)], box_text(scene, obj, fmt), "locate", i)
+        for _ in range(skills.colour):
+            obj = rng.choice(scene.objects)
+            add([user(skills.colour_prompt, [full], box=box_text(scene, obj, fmt))], obj.colour, "colour", i)
+        for _ in range(skills.read):
+            obj = rng.choice(scene.objects)
+            written = fmt.parse(box_text(scene, obj, fmt), image.size)
+            crop = crop_view(image, written.box if written.ok else scene.box(obj), size)
+            question = world.question.format(colour=obj.colour)
+            add(templates.direct_prompt(question, crop), obj.pattern, "read", i)
+    return rows
+
+
+def box_text(scene: Scene, obj, box_format) -> str:
+    return box_format.format(scene.box(obj), (scene.size, scene.size))
+
+
+def cache_key(material: dict) -> str:
+    """A short stable hash of everything that determines the base model."""
+    blob = json.dumps(material, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def key_material(model_cfg: dict, world: WorldConfig, skills: BaseSkills, schedule: dict) -> dict:
+    return {"model": model_cfg, "world": asdict(world), "skills": asdict(skills), "schedule": schedule,
+            "version": 1}
+
+
+def cached_base(cache_root: Path, key: str) -> Path | None:
+    path = cache_root / key
+    return path if (path / "DONE").exists() else None
+
+
+def evaluate_base(policy, world: WorldConfig, skills: BaseSkills, templates: PromptTemplates, n: int = 128,
+                  seed: int = 999) -> dict[str, float]:
+    """Greedy accuracy of each base skill on ``n`` fresh scenes (exact text match), e.g. ``base/locate``."""
+    rng = random.Random(seed)
+    fmt, size = policy.backbone.box_format, policy.backbone.image_size
+    prompts: dict[str, list] = {"locate": [], "colour": [], "read": []}
+    golds: dict[str, list[str]] = {k: [] for k in prompts}
+    for _ in range(n):
+        scene = sample_scene(rng, world)
+        image = render_scene(scene, world, seed=rng.randrange(2**31))
+        full = to_view(image, size)
+        obj = rng.choice(scene.objects)
+        prompts["locate"].append([user(skills.locate_prompt, [full], shape=obj.shape)])
+        golds["locate"].append(box_text(scene, obj, fmt))
+        prompts["colour"].append([user(skills.colour_prompt, [full], box=box_text(scene, obj, fmt))])
+        golds["colour"].append(obj.colour)
+        written = fmt.parse(box_text(scene, obj, fmt), image.size)
+        crop = crop_view(image, written.box if written.ok else scene.box(obj), size)
+        prompts["read"].append(templates.direct_prompt(world.question.format(colour=obj.colour), crop))
+        golds["read"].append(obj.pattern)
+    out = {}
+    for skill, ps in prompts.items():
+        preds = [o[0].strip() for o in policy.generate(ps, max_new_tokens=24)]
+        out[f"base/{skill}"] = sum(p == g for p, g in zip(preds, golds[skill])) / n
+    return out
