@@ -31,6 +31,17 @@ def _is_multirun() -> bool:
     return HydraConfig.initialized() and HydraConfig.get().mode.name == "MULTIRUN"
 
 
+def _cause(exc: BaseException, kind: type) -> BaseException | None:
+    """``exc`` or the first exception of type ``kind`` in its cause chain (Hydra wraps builder errors)."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, kind):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> float | None:
     from visrl.logging.sweep import is_complete, mark_complete, mark_failed
@@ -43,14 +54,14 @@ def main(cfg: DictConfig) -> float | None:
         return None
     try:
         summary = run(cfg)
-    except WeightsNotFoundError as e:
-        mark_failed(job_dir, e)
-        print(f"error: {e}", file=sys.stderr)
-        if _is_multirun():
-            return None
-        sys.exit(2)
     except Exception as e:
         mark_failed(job_dir, e)
+        missing = _cause(e, WeightsNotFoundError)
+        if missing is not None:  # one actionable line, no stack trace
+            print(f"error: {missing}", file=sys.stderr)
+            if _is_multirun():
+                return None
+            sys.exit(2)
         if _is_multirun():  # a crashed job must not stop the sweep; visrl.report lists it as failed
             log.exception("job %s failed; the sweep goes on", job_dir)
             return None

@@ -14,6 +14,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from visrl.data.boxes import GridFormat
 from visrl.data.records import read_viscot
@@ -34,6 +35,7 @@ from visrl.rollout.generator import (
 from visrl.rollout.scorers import LikelihoodCropScorer, RuleAnswerScorer, ScoreResult
 
 torch.set_num_threads(1)
+CONF = Path(__file__).resolve().parents[1] / "conf"
 TEMPLATES = PromptTemplates(box="{question} Where?\n<image>", answer="{question}\n<image>\n<image>")
 FMT = GridFormat(grid=4)
 # sampled box texts of the fake policy: valid boxes and each kind of parse failure
@@ -56,7 +58,10 @@ class FakePolicy:
         rng = random.Random(seed)
         if n_images == {1}:
             if self.box_texts is not None:
-                return [[self.box_texts[k % len(self.box_texts)] for k in range(num_return_sequences)] for _ in prompts]
+                return [
+                    [self.box_texts[k % len(self.box_texts)] for k in range(num_return_sequences)]
+                    for _ in prompts
+                ]
             return [[rng.choice(BOX_TEXTS) for _ in range(num_return_sequences)] for _ in prompts]
         return [[rng.choice(PATTERNS) for _ in range(num_return_sequences)] for _ in prompts]
 
@@ -96,7 +101,9 @@ def world(tmp_path_factory) -> SimpleNamespace:
 
 @pytest.fixture(scope="module")
 def tiny_policy() -> VLMPolicy:
-    bb = build_tiny("qwen2vl", text_hidden=64, text_layers=1, vision_hidden=64, vision_layers=1, box_format=FMT)
+    bb = build_tiny(
+        "qwen2vl", text_hidden=64, text_layers=1, vision_hidden=64, vision_layers=1, box_format=FMT
+    )
     return VLMPolicy(bb, batch_size=64)
 
 
@@ -116,7 +123,11 @@ def test_batched_generation_one_call_per_step_and_parse_failures(world, tmp_path
     assert [(r["question_index"], r["cand"]) for r in rows] == [(q, c) for q in range(10) for c in range(4)]
     assert [r["uid"] for r in rows[::4]] == [question_uid(rec) for rec in world.records]
     # 3 chunks (4, 4, 2 questions): each ONE batched box call and ONE answer call, nothing per candidate
-    assert [(c["n"], c["r"], c["images"]) for c in policy.calls[::2]] == [(4, 4, {1}), (4, 4, {1}), (2, 4, {1})]
+    assert [(c["n"], c["r"], c["images"]) for c in policy.calls[::2]] == [
+        (4, 4, {1}),
+        (4, 4, {1}),
+        (2, 4, {1}),
+    ]
     for chunk, call in enumerate(policy.calls[1::2]):
         boxed = [r for r in rows if r["chunk"] == chunk and r["box"] is not None]
         assert (call["n"], call["r"], call["images"]) == (len(boxed), 1, {2})
@@ -136,7 +147,11 @@ def test_batched_generation_one_call_per_step_and_parse_failures(world, tmp_path
 
 def test_bad_box_replaces_overlapping_second_box_with_a_disjoint_one(world, tmp_path):
     # attempts (0,1) and (2,3) sample the same box twice: IoU 1 > 0.05 -> the second is synthesised
-    rows = run(world, tmp_path / "a.jsonl", FakePolicy(["[0, 0, 2, 2]", "[0, 0, 2, 2]", "[0, 0, 1, 1]", "[0, 0, 1, 2]"]))
+    rows = run(
+        world,
+        tmp_path / "a.jsonl",
+        FakePolicy(["[0, 0, 2, 2]", "[0, 0, 2, 2]", "[0, 0, 1, 1]", "[0, 0, 1, 2]"]),
+    )
     for r in rows:
         assert r["synthetic"] == (r["cand"] % 2 == 1) and not r["synthesis_failed"]
     by_q = {}
@@ -157,6 +172,24 @@ def test_bad_box_replaces_overlapping_second_box_with_a_disjoint_one(world, tmp_
     # no disjoint box exists next to a full-image box: kept as sampled, counted
     rows = run(world, tmp_path / "c.jsonl", FakePolicy(["[0, 0, 4, 4]", "[0, 0, 4, 4]"]))
     assert all(r["synthesis_failed"] == (r["cand"] % 2 == 1) and not r["synthetic"] for r in rows)
+
+
+def test_repeated_boxes_are_crop_scored_once(world, tmp_path):
+    class Counting(HashCropScorer):
+        n_items = 0
+
+        def score(self, items, policy):
+            Counting.n_items += len(items)
+            return super().score(items, policy)
+
+    off = RolloutConfig(n_boxes=4, batch_size=4, max_new_tokens=8, seed=3, bad_box={"enabled": False})
+    texts = ["[0, 0, 2, 2]", "[0, 0, 2, 2]", "[1, 1, 3, 3]", "[0, 0, 2, 2]"]
+    rows = generate_candidates(FakePolicy(texts), None, world.records, TEMPLATES, off, RuleAnswerScorer(),
+                               Counting(), tmp_path / "c.jsonl", world.root)  # fmt: skip
+    assert Counting.n_items == 2 * len(world.records)  # two distinct boxes per question
+    for q in range(len(world.records)):
+        scores = [r["crop_score"] for r in rows if r["question_index"] == q]
+        assert scores[0] == scores[1] == scores[3]
 
 
 def test_records_boxes_are_never_read(world, tmp_path):
@@ -249,9 +282,14 @@ def test_config_validation():
         RolloutConfig(n_boxes=4, temperature=0.0)
     with pytest.raises(ValueError, match="unknown keys"):
         RolloutConfig.from_mapping({"n_boxes": 2, "typo": 1})
-    cfg = RolloutConfig.from_mapping({"n_boxes": 2, "bad_box": {"spread": 0.5}, "questions": None},
-                                     ignore=("questions",))  # fmt: skip
+    cfg = RolloutConfig.from_mapping({"n_boxes": 2, "bad_box": {"spread": 0.5}, "questions": None})
     assert cfg.bad_box.spread == 0.5 and cfg.bad_box.enabled
+
+
+def test_rollout_yaml_builds_a_config():
+    root = OmegaConf.create({"seed": 7, "rollout": OmegaConf.load(CONF / "rollout" / "default.yaml")})
+    cfg = RolloutConfig.from_mapping(OmegaConf.to_container(root.rollout, resolve=True))
+    assert (cfg.seed, cfg.n_boxes, cfg.bad_box.iou_threshold) == (7, 8, 0.05)
 
 
 def test_shard_argument_checked(world, tmp_path):

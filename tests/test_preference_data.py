@@ -100,10 +100,23 @@ def test_stats_agree_with_candidates(world):
 def test_pairs_json_is_the_visrl_layout_with_crops(world):
     by_key = {(c["question_index"], c["cand"]): c for c in world.candidates}
     for p in read_pairs(world.out / "pairs.json"):
-        c, r = by_key[p.raw["question_index"], p.raw["chosen_index"]], by_key[p.raw["question_index"], p.raw["rejected_index"]]
+        c, r = (
+            by_key[p.raw["question_index"], p.raw["chosen_index"]],
+            by_key[p.raw["question_index"], p.raw["rejected_index"]],
+        )
         assert p.images == (c["image"],) and p.prompt == TEMPLATES.box.format(question=c["question"])
-        assert (p.chosen_step, p.rejected_step, p.chosen, p.rejected) == (c["box_text"], r["box_text"], c["answer"], r["answer"])
-        assert c["answer_score"] >= 0.8 and c["crop_score"] >= 0.8 and r["answer_score"] <= 0.2 and r["crop_score"] <= 0.2
+        assert (p.chosen_step, p.rejected_step, p.chosen, p.rejected) == (
+            c["box_text"],
+            r["box_text"],
+            c["answer"],
+            r["answer"],
+        )
+        assert (
+            c["answer_score"] >= 0.8
+            and c["crop_score"] >= 0.8
+            and r["answer_score"] <= 0.2
+            and r["crop_score"] <= 0.2
+        )
         image = load_rgb(resolve(world.root, c["image"]))
         saved = load_rgb(str(world.out / p.raw["chosen_crop"]))
         assert to_view(saved, 64).tobytes() == crop_view(image, Box(*c["box"]), 64).tobytes()
@@ -118,16 +131,27 @@ def test_rows_use_the_chosen_crop_unless_rejected_own_crop(world, backbone):
     own_crop = crop_view(image, Box(*pair.raw["rejected_box"]), 64)
     box_row, answer_row = preference_rows([pair], world.root, backbone, TEMPLATES)
     assert (box_row.step, answer_row.step) == ("box", "answer") and box_row.uid == pair.raw["uid"]
-    assert box_row.prompt.input_ids == enc.encode_prompt(TEMPLATES.box_prompt(pair.raw["question"], full)).input_ids
-    assert box_row.completions == (enc.encode_completion(pair.chosen_step), enc.encode_completion(pair.rejected_step))
+    assert (
+        box_row.prompt.input_ids
+        == enc.encode_prompt(TEMPLATES.box_prompt(pair.raw["question"], full)).input_ids
+    )
+    assert box_row.completions == (
+        enc.encode_completion(pair.chosen_step),
+        enc.encode_completion(pair.rejected_step),
+    )
     want = enc.encode_prompt(TEMPLATES.answer_prompt(pair.raw["question"], full, chosen_crop))
     assert torch.equal(answer_row.prompt.vision["pixel_values"], want.vision["pixel_values"])
-    assert answer_row.completions == (enc.encode_completion(pair.chosen), enc.encode_completion(pair.rejected))
+    assert answer_row.completions == (
+        enc.encode_completion(pair.chosen),
+        enc.encode_completion(pair.rejected),
+    )
     assert answer_row.rejected_prompt is None
     _, own_row = preference_rows([pair], world.root, backbone, TEMPLATES, rejected_own_crop=True)
     own = enc.encode_prompt(TEMPLATES.answer_prompt(pair.raw["question"], full, own_crop))
     assert torch.equal(own_row.rejected_prompt.vision["pixel_values"], own.vision["pixel_values"])
-    assert not torch.equal(own_row.rejected_prompt.vision["pixel_values"], own_row.prompt.vision["pixel_values"])
+    assert not torch.equal(
+        own_row.rejected_prompt.vision["pixel_values"], own_row.prompt.vision["pixel_values"]
+    )
 
 
 @pytest.mark.parametrize("own_crop", [False, True])

@@ -124,19 +124,14 @@ def train_rows(stage_cfg: DictConfig, backbone: Backbone, rows, out: Path, logge
     dm = RowsDataModule(rows, backbone.encoder, int(stage_cfg.batch_size), int(stage_cfg.max_length), int(cfg.seed))
     logger.log_metrics({f"data/{out.name}/dropped_long": float(sum(dm.dropped.values()))})
     module = SFTModule(backbone.model, instantiate(stage_cfg.optimizer), instantiate(stage_cfg.scheduler))
-    fit(module, dm, out, int(stage_cfg.epochs), trainer_kwargs(cfg), RunLoggerAdapter(logger))
+    fit(module, dm, out, int(stage_cfg.epochs), trainer_kwargs(cfg), RunLoggerAdapter(logger, name=out.name))
 
 
 def rl_iterations(cfg, backbone, data, splits, templates, benchmark, summary, logger) -> Backbone:
     """VisRL iterations k = 1..K: regenerate with M_RL^{k-1}, stage 1, stage 2, save, evaluate."""
-    from visrl.data.preference import PreferenceDataModule
-
     out = Path(cfg.paths.output_dir)
     m_org = frozen_policy(backbone, out / "sft" / "model", int(cfg.rollout.batch_size))
-    prefs: PreferenceDataModule = instantiate(
-        cfg.preference, run_dir=out, rl_path=splits["rl"], image_root=data.image_root, templates=templates,
-        encoder=backbone.encoder, batch_size=int(cfg.dpo.batch_size), max_length=int(cfg.dpo.max_length),
-    )
+    prefs = build_preference_data(cfg, out, splits, data.image_root, templates)
     for k in range(1, int(cfg.iter) + 1):
         it = out / f"iter_{k}"
         if (it / "DONE").exists():
@@ -144,41 +139,58 @@ def rl_iterations(cfg, backbone, data, splits, templates, benchmark, summary, lo
             continue
         logger.log_metrics({"iter": float(k)})
         policy = VLMPolicy(backbone, batch_size=int(cfg.rollout.batch_size))
-        scorer = m_org if cfg.scorer.m_org == "initial" else policy
-        prefs.regenerate(policy, k, scorer)
-        logger.log_metrics({f"data/{key}": v for key, v in prefs.stats(k).items() if isinstance(v, int | float)})
-        reference = m_org.model if cfg.dpo.reference == "initial" else None
+        prefs.regenerate(policy, k, m_org if cfg.scorer.m_org == "initial" else policy)
+        stats = json.loads((it / "stats.json").read_text())
+        logger.log_metrics(flat_numbers(stats, "data/"))
+        reference = m_org if cfg.dpo.reference == "initial" else policy  # a VLMPolicy: model + encoder
         for name, stage in cfg.dpo.stages.items():
             if stage.enabled:
-                fit_dpo_stage(cfg, stage, backbone, prefs, k, it / name, reference, logger)
+                fit_dpo_stage(cfg, stage, backbone, prefs, reference, it / name, logger)
         backbone.save(it / "model")
         metrics = evaluate(benchmark, backbone, templates, it / "eval", logger, cfg)
-        summary.add(k, {**metrics, **{f"data/{a}": b for a, b in prefs.stats(k).items()
-                                      if isinstance(b, int | float)}})
+        summary.add(k, {**metrics, **flat_numbers(stats, "data/")})
         (it / "DONE").touch()
         backbone = load_backbone(it / "model")
     return backbone
 
 
-def fit_dpo_stage(cfg, stage, backbone, prefs, k: int, out: Path, reference, logger) -> None:
-    """One step-DPO stage: the stage's step weights select the rows and weight the losses."""
+def build_preference_data(cfg: DictConfig, out: Path, splits, image_root, templates):
+    """The self-evolving data of every iteration (VisRL §3.3), served as step-level DPO rows."""
+    from visrl.data.preference import PreferenceDataModule
+    from visrl.rollout.generator import RolloutConfig
+
+    return PreferenceDataModule(
+        run_dir=out, pool=read_viscot(splits["rl"]), image_root=image_root, templates=templates,
+        rollout=RolloutConfig.from_mapping(OmegaConf.to_container(cfg.rollout, resolve=True)),
+        filter_cfg=instantiate(cfg.filter), answer_scorer=instantiate(cfg.scorer.answer),
+        crop_scorer=instantiate(cfg.scorer.crop), batch_size=int(cfg.dpo.batch_size),
+        max_length=int(cfg.dpo.max_length), rejected_own_crop=bool(cfg.rollout.rejected_own_crop),
+        questions_per_iter=cfg.rollout.questions, seed=int(cfg.seed),
+    )
+
+
+def fit_dpo_stage(cfg, stage, backbone, prefs, reference, out: Path, logger) -> None:
+    """One step-DPO stage: the stage's step weights select the rows and weight the losses (stages are data)."""
     from visrl.logging.lightning import RunLoggerAdapter
-    from visrl.training.reference import PrecomputedReference
     from visrl.training.step_dpo import StepDPOModule
 
-    if (out / "DONE").exists():
+    if (out / "DONE").exists():  # resumed run: this stage's weights are already trained
         backbone.model.load_state_dict(torch.load(out / "weights.pt", weights_only=True), strict=False)
         return
     weights = {s: float(w) for s, w in stage.weights.items() if float(w) > 0}
-    prefs.prepare_reference(k, reference if reference is not None else backbone.model, steps=list(weights))
-    dm = prefs.datamodule(k, steps=list(weights), seed=int(cfg.seed))
-    module = StepDPOModule(
-        backbone.model, optimizer=instantiate(cfg.dpo.optimizer, lr=float(stage.lr)),
-        scheduler=instantiate(cfg.dpo.scheduler), weights=weights, loss=cfg.objective.loss,
-        beta=float(cfg.objective.beta), label_smoothing=float(cfg.objective.label_smoothing),
-        ftx=float(cfg.objective.ftx), reference=PrecomputedReference(),
-    )
-    fit(module, dm, out, int(stage.epochs), trainer_kwargs(cfg), RunLoggerAdapter(logger))
+    prefs.steps = tuple(weights)
+    if not prefs.rows_for(prefs.steps):
+        log.warning("%s: no preference pairs for steps %s; stage skipped", out, list(weights))
+        out.mkdir(parents=True, exist_ok=True)
+    else:
+        prefs.attach_reference_logps(reference)  # once per iteration and reference, cached beside the pairs
+        module = StepDPOModule(
+            backbone.model, optimizer=instantiate(cfg.dpo.optimizer, lr=float(stage.lr)),
+            scheduler=instantiate(cfg.dpo.scheduler), weights=weights, loss=cfg.objective.loss,
+            beta=float(cfg.objective.beta), label_smoothing=float(cfg.objective.label_smoothing),
+            ftx=float(cfg.objective.ftx),
+        )
+        fit(module, prefs, out, int(stage.epochs), trainer_kwargs(cfg), RunLoggerAdapter(logger, name=out.name))
     trainable = {n: p.detach() for n, p in backbone.model.named_parameters() if p.requires_grad}
     torch.save(trainable, out / "weights.pt")
     (out / "DONE").touch()
@@ -199,6 +211,17 @@ def build_benchmark(cfg: DictConfig, splits: dict[str, Path]):
     if cfg.benchmark.get("split_path", "unset") is None:  # the synthetic benchmark reads the data's test split
         return instantiate(cfg.benchmark, split_path=str(splits["test"]))
     return instantiate(cfg.benchmark)
+
+
+def flat_numbers(stats: dict, prefix: str) -> dict[str, float]:
+    """Numeric leaves of a nested dict as ``prefix/a/b`` keys (for logging ``stats.json``)."""
+    out: dict[str, float] = {}
+    for key, value in stats.items():
+        if isinstance(value, dict):
+            out.update(flat_numbers(value, f"{prefix}{key}/"))
+        elif isinstance(value, int | float) and not isinstance(value, bool):
+            out[f"{prefix}{key}"] = float(value)
+    return out
 
 
 def trainer_kwargs(cfg: DictConfig) -> dict[str, Any]:
@@ -232,7 +255,7 @@ class Summary:
         self.partial.write_text(json.dumps(self.data, indent=2))
 
     def finish(self) -> dict[str, Any]:
-        from visrl.logging.plots import write_run_plots
+        from visrl.logging.rundir import make_run_plots
 
         iters = sorted(self.data["iterations"], key=lambda it: it["iter"])
         self.data["iterations"] = iters
@@ -242,5 +265,5 @@ class Summary:
             self.data["effect"] = paired_bootstrap(self.out / "sft" / "eval", self.out / f"iter_{last['iter']}" / "eval")
         (self.out / "summary.json").write_text(json.dumps(self.data, indent=2))
         self.partial.unlink(missing_ok=True)
-        write_run_plots(self.out)
+        make_run_plots(self.out)
         return self.data

@@ -91,7 +91,7 @@ class SyntheticBenchmark:
                 prompts = [templates.answer_prompt(r.question, f, c) for r, f, c in zip(recs, fulls, crops)]
             answers = [o[0] for o in policy.generate(prompts, max_new_tokens=self.max_new_tokens)]
             mode_rows = [
-                self._row(mode, r, a, t, b, g, f)
+                self._row(mode, r, a, t, b, g, f, self.image_root)
                 for r, a, t, b, g, f in zip(recs, answers, texts, boxes, gts, fails)
             ]
             metrics.update(summarize(mode_rows, mode))
@@ -118,11 +118,11 @@ class SyntheticBenchmark:
         return boxes, texts, fails
 
     @staticmethod
-    def _row(mode, rec, answer, box_text, box, gt, failure) -> dict:
+    def _row(mode, rec, answer, box_text, box, gt, failure, image_root) -> dict:
         return {
             "uid": f"{rec.dataset}:{rec.split}:{rec.question_id}",
             "mode": mode,
-            "image": rec.image_path,
+            "image": resolve(image_root, rec.image_path),
             "question": rec.question,
             "answer": rec.answer,
             "pred": answer,

@@ -146,7 +146,10 @@ class VLMEncoder:
 
     def encode_completion(self, text: str) -> list[int]:
         """Token ids of ``text`` followed by the end-of-turn token(s)."""
-        return self.tokenizer(text, add_special_tokens=False).input_ids + self.end_of_turn_ids
+        # split_special_tokens: a sampled completion that contains e.g. "<|image_pad|>" as text must stay
+        # text, never become a placeholder that asks for an image the row does not have
+        ids = self.tokenizer(text, add_special_tokens=False, split_special_tokens=True).input_ids
+        return ids + self.end_of_turn_ids
 
     def decode(self, ids: Sequence[int] | Tensor) -> str:
         """Decode generated ids, cut at the first end-of-turn / eos / pad token, stripped.

@@ -22,6 +22,7 @@ ignores such candidates, as the reference drops ``None`` scores.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import re
 from collections.abc import Callable, Sequence
@@ -313,8 +314,34 @@ class LikelihoodCropScorer:
 
 
 # ------------------------------------------------------------------------------------------------ registry
+@dataclass
+class RandomScorer:
+    """Uniform random scores, seeded by the item's text: a no-information baseline for ablations (does
+    self-scoring matter?) and the scorer of plumbing runs (``debug=fast``), where a random model's real scores
+    are all equal and the filter would keep nothing."""
+
+    seed: int = 0
+    name: ClassVar[str] = "random"
+
+    def score(self, items: Sequence[ScoreItem], policy: ScoringPolicy | None = None) -> list[ScoreResult]:
+        out = []
+        for item in items:
+            key = f"{self.seed}|{item.question}|{item.standard_answer}|{item.answer}|{_image_key(item.crop)}"
+            digest = hashlib.sha256(key.encode()).digest()
+            out.append(ScoreResult(int.from_bytes(digest[:8], "big") / 2**64, None))
+        return out
+
+
+def _image_key(image: Any) -> str:
+    """A content key of a PIL image (or ``""``) so equal crops get equal random scores."""
+    if image is None:
+        return ""
+    return hashlib.sha256(image.tobytes()).hexdigest()[:16]
+
+
 SCORERS: dict[str, type] = {
-    cls.name: cls for cls in (JudgeAnswerScorer, JudgeCropScorer, RuleAnswerScorer, LikelihoodCropScorer)
+    cls.name: cls
+    for cls in (JudgeAnswerScorer, JudgeCropScorer, RuleAnswerScorer, LikelihoodCropScorer, RandomScorer)
 }
 
 

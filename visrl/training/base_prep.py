@@ -20,6 +20,7 @@ world or schedule rebuilds it). Real backbones skip this stage.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import random
@@ -40,6 +41,7 @@ class BaseSkills:
     locate: int = 1  # rows per scene of each skill
     colour: int = 1
     read: int = 1
+    single_object: float = 0.0  # share of scenes with one object: "where" is learnable before "which"
     locate_prompt: str = "Where is the {shape}?\n<image>"
     colour_prompt: str = "What colour is the object in {box}?\n<image>"
     seed: int = 1234
@@ -54,13 +56,14 @@ def base_rows(world: WorldConfig, skills: BaseSkills, backbone, templates: Promp
     def add(prompt, completion: str, step: str, i: int) -> None:
         rows.append(Row(enc.encode_prompt(prompt), (enc.encode_completion(completion),), step, f"base:{i}"))
 
+    single = dataclasses.replace(world, n_objects=1)
     for i in range(skills.n_scenes):
-        scene = sample_scene(rng, world)
+        scene = sample_scene(rng, single if rng.random() < skills.single_object else world)
         image = render_scene(scene, world, seed=rng.randrange(2**31))
         full = to_view(image, size)
         for _ in range(skills.locate):
             obj = rng.choice(scene.objects)
-            add([user(skills.locate_prompt, [full], shape=obj.shape)], box_text(scene, obj, fmt), "locate", i)
+            add([user(skills.locate_prompt, [full], shape=obj.shape, colour=obj.colour)], box_text(scene, obj, fmt), "locate", i)
         for _ in range(skills.colour):
             obj = rng.choice(scene.objects)
             add([user(skills.colour_prompt, [full], box=box_text(scene, obj, fmt))], obj.colour, "colour", i)
@@ -105,7 +108,7 @@ def evaluate_base(policy, world: WorldConfig, skills: BaseSkills, templates: Pro
         image = render_scene(scene, world, seed=rng.randrange(2**31))
         full = to_view(image, size)
         obj = rng.choice(scene.objects)
-        prompts["locate"].append([user(skills.locate_prompt, [full], shape=obj.shape)])
+        prompts["locate"].append([user(skills.locate_prompt, [full], shape=obj.shape, colour=obj.colour)])
         golds["locate"].append(box_text(scene, obj, fmt))
         prompts["colour"].append([user(skills.colour_prompt, [full], box=box_text(scene, obj, fmt))])
         golds["colour"].append(obj.colour)

@@ -98,80 +98,102 @@ def _shared_vision(batch: dict[str, Tensor]) -> dict[str, Tensor] | None:
     return vision
 
 
-def _prompt_starts(model: Any, prompts: list[tuple[Tensor, Tensor]], vision: dict[str, Tensor]) -> Tensor:
-    """Per pair, the prompt's position ids and the position of the first completion token.
+def _prompt_positions(model: Any, prompts: list[tuple[Tensor, Tensor]], vision: dict[str, Tensor]) -> Tensor:
+    """Position ids of each prompt (right padded): ``[3, B, Pmax]`` M-RoPE or ``[1, B, Pmax]`` 1-D RoPE.
 
-    Returns ``[3, B, Pmax]`` M-RoPE positions for Qwen models (from the model's own ``get_rope_index``)
-    or ``[1, B, Pmax]`` for 1-D RoPE; the start is ``max(prompt positions) + 1`` per pair, ``[B]``.
+    Qwen models compute M-RoPE positions with their own ``get_rope_index`` (images get 3-D grid positions,
+    text continues from the largest one); other models count tokens.
     """
     width = max(len(p) for p, _ in prompts)
-    ids = torch.zeros(len(prompts), width, dtype=torch.long)  # [B, Pmax], right padded
+    ids = torch.zeros(len(prompts), width, dtype=torch.long)  # [B, Pmax]
     types = torch.zeros_like(ids)
     mask = torch.zeros_like(ids)
     for i, (p, t) in enumerate(prompts):
         ids[i, : len(p)], types[i, : len(p)], mask[i, : len(p)] = p, t, 1
-    inner = getattr(_unwrap(model), "model", None)
-    rope_index = getattr(inner, "get_rope_index", None)
-    if rope_index is not None and "image_grid_thw" in vision:
-        device = vision["image_grid_thw"].device
-        positions, _ = rope_index(
-            input_ids=ids.to(device),
-            mm_token_type_ids=types.to(device),
-            image_grid_thw=vision["image_grid_thw"],
-            attention_mask=mask.to(device),
-        )  # [3, B, Pmax]
-        positions = positions.cpu()
-    else:
-        positions = (torch.arange(width)[None, :] * mask)[None]  # [1, B, Pmax]
-    return positions
+    rope_index = getattr(getattr(_unwrap(model), "model", None), "get_rope_index", None)
+    if rope_index is None or "image_grid_thw" not in vision:
+        return (torch.arange(width)[None, :] * mask)[None]  # [1, B, Pmax]
+    device = vision["image_grid_thw"].device
+    positions, _ = rope_index(
+        input_ids=ids.to(device),
+        mm_token_type_ids=types.to(device),
+        image_grid_thw=vision["image_grid_thw"],
+        attention_mask=mask.to(device),
+    )
+    return positions.cpu()  # [3, B, Pmax]
+
+
+def _layout(rows: list[tuple[Tensor, Tensor, Tensor, Tensor]], positions: Tensor) -> dict[str, Tensor]:
+    """Packed tensors of B pairs ``(prompt ids, prompt types, chosen ids, rejected ids)``; see the module doc."""
+    n, axes = len(rows), positions.shape[0]
+    width = max(len(p) + len(c) + len(r) for p, _, c, r in rows)
+    out = {
+        "input_ids": torch.zeros(n, width, dtype=torch.long),  # [B, T]
+        "mm_token_type_ids": torch.zeros(n, width, dtype=torch.long),  # [B, T]
+        "position_ids": torch.zeros(axes, n, width, dtype=torch.long),  # [A, B, T]
+        "segments": torch.full((n, width), PAD, dtype=torch.long),  # [B, T]
+    }
+    rows_out, predictors, pairs, targets = [], [], [], []
+    for i, (p, t, c, r) in enumerate(rows):
+        P, C, R = len(p), len(c), len(r)
+        out["input_ids"][i, : P + C + R] = torch.cat([p, c, r])
+        out["mm_token_type_ids"][i, :P] = t
+        first = positions[:, i, :P].amax(dim=1, keepdim=True) + 1  # [A, 1] first position after the prompt
+        pos = out["position_ids"][:, i]  # [A, T] view
+        pos[:, :P] = positions[:, i, :P]
+        pos[:, P : P + C] = first + torch.arange(C)  # chosen and rejected both start right after the prompt
+        pos[:, P + C : P + C + R] = first + torch.arange(R)
+        seg = out["segments"][i]
+        seg[:P], seg[P : P + C], seg[P + C : P + C + R] = PROMPT, CHOSEN, REJECTED
+        # chosen token j (at P + j) is predicted at P + j - 1; rejected token j at P - 1 (j = 0), else P + C + j - 1
+        predictors += [
+            P - 1 + torch.arange(C),
+            torch.cat([torch.tensor([P - 1]), P + C + torch.arange(max(R - 1, 0))])[:R],
+        ]
+        rows_out += [torch.full((C,), i), torch.full((R,), n + i)]
+        pairs += [torch.full((C + R,), i)]
+        targets += [c, r]
+    out.update(
+        rows=torch.cat(rows_out),
+        predictors=torch.cat(predictors),
+        batch_index=torch.cat(pairs),
+        targets=torch.cat(targets),
+    )
+    return out
 
 
 def pack_pairs(model: Any, batch: dict[str, Tensor], n: int) -> PackedPairs | None:
-    """Pack a chosen-then-rejected batch of ``2n`` rows into ``n`` rows; None if prompts differ."""
+    """Pack a chosen-then-rejected batch of ``2n`` rows into ``n`` rows; None when pairs do not share
+    their prompt (token ids or images differ) or the batch has token fields this packing does not carry."""
     if batch["input_ids"].shape[0] != 2 * n:
-        raise ValueError(f"pack_pairs: the batch has {batch['input_ids'].shape[0]} rows, expected 2 * n = {2 * n}")
-    rows = _split_rows({k: v.cpu() if isinstance(v, Tensor) and k in TOKEN_FIELDS else v for k, v in batch.items()})
+        raise ValueError(
+            f"pack_pairs: the batch has {batch['input_ids'].shape[0]} rows, expected 2 * n = {2 * n}"
+        )
+    if "token_type_ids" in batch:
+        return None
+    rows = _split_rows({k: v.cpu() if k in TOKEN_FIELDS else v for k, v in batch.items()})
     chosen, rejected = rows[:n], rows[n:]
     if any(not torch.equal(c[0], r[0]) for c, r in zip(chosen, rejected)):
         return None
     vision = _shared_vision(batch)
     if vision is None:
         return None
-    positions = _prompt_starts(model, [(c[0], c[1]) for c in chosen], vision)  # [A, B, Pmax]
-    lengths = [len(c[0]) + len(c[2]) + len(r[2]) for c, r in zip(chosen, rejected)]
-    width, axes = max(lengths), positions.shape[0]
-    ids = torch.zeros(n, width, dtype=torch.long)  # [B, T]
-    types = torch.zeros(n, width, dtype=torch.long)
-    pos = torch.zeros(axes, n, width, dtype=torch.long)  # [A, B, T]
-    seg = torch.full((n, width), PAD, dtype=torch.long)
-    rows_, preds, pairs, targets = [], [], [], []
-    for i, ((p, t, c), (_, _, r)) in enumerate(zip(chosen, rejected)):
-        P, C, R = len(p), len(c), len(r)
-        ids[i, : P + C + R] = torch.cat([p, c, r])
-        types[i, :P] = t
-        start = positions[:, i, :P].amax(dim=1, keepdim=True)  # [A, 1]
-        pos[:, i, :P] = positions[:, i, :P]
-        pos[:, i, P : P + C] = start + 1 + torch.arange(C)
-        pos[:, i, P + C : P + C + R] = start + 1 + torch.arange(R)
-        seg[i, :P], seg[i, P : P + C], seg[i, P + C : P + C + R] = PROMPT, CHOSEN, REJECTED
-        # chosen token at P + j is read at P + j - 1; rejected token j at P - 1 (j = 0) or P + C + j - 1
-        rej_pred = torch.cat([torch.tensor([P - 1]), P + C + torch.arange(R - 1)]) if R else torch.zeros(0)
-        preds += [P - 1 + torch.arange(C), rej_pred.long()]
-        rows_ += [torch.full((C,), i), torch.full((R,), n + i)]
-        pairs += [torch.full((C + R,), i)]
-        targets += [c, r]
+    positions = _prompt_positions(model, [(c[0], c[1]) for c in chosen], vision)  # [A, B, Pmax]
+    packed = _layout([(*c, r[2]) for c, r in zip(chosen, rejected)], positions)
     device = batch["input_ids"].device
-    inputs = {"input_ids": ids, "position_ids": pos if axes > 1 else pos[0]}
+    packed = {k: v.to(device) for k, v in packed.items()}
+    inputs = {"input_ids": packed["input_ids"], "position_ids": packed["position_ids"]}
+    if positions.shape[0] == 1:
+        inputs["position_ids"] = inputs["position_ids"][0]  # [B, T] for 1-D RoPE
     if "mm_token_type_ids" in batch:
-        inputs["mm_token_type_ids"] = types
-    inputs = {k: v.to(device) for k, v in inputs.items()}
+        inputs["mm_token_type_ids"] = packed["mm_token_type_ids"]
     return PackedPairs(
         inputs={**inputs, **vision},
-        segments=seg.to(device),
-        rows=torch.cat(rows_).to(device),
-        predictors=torch.cat(preds).to(device),
-        batch_index=torch.cat(pairs).to(device),
-        targets=torch.cat(targets).to(device),
+        segments=packed["segments"],
+        rows=packed["rows"],
+        predictors=packed["predictors"],
+        batch_index=packed["batch_index"],
+        targets=packed["targets"],
         n=n,
     )
 
@@ -209,7 +231,9 @@ def packed_logps(model: Any, packed: PackedPairs) -> tuple[Tensor, Tensor]:
     return sums, counts
 
 
-def pair_logps(model: Any, batch: dict[str, Tensor], n: int, share_prompt: bool = True) -> tuple[Tensor, Tensor]:
+def pair_logps(
+    model: Any, batch: dict[str, Tensor], n: int, share_prompt: bool = True
+) -> tuple[Tensor, Tensor]:
     """Summed log-probs [2n] and token counts [2n] of a chosen-then-rejected batch of ``2n`` rows.
 
     Packs pairs that share their prompt (see the module docstring), else one concatenated forward.

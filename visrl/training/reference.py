@@ -113,10 +113,13 @@ class FrozenCopyReference(ReferenceStrategy):
 
 
 def _frozen(model: nn.Module, make_copy: bool) -> nn.Module:
-    frozen = copy.deepcopy(model) if make_copy else model
+    """A deep copy in eval mode without gradients, or ``model`` itself untouched (each call runs in eval
+    mode and restores the model's mode)."""
+    if not make_copy:
+        return model
+    frozen = copy.deepcopy(model)
     frozen.eval()
-    if make_copy:
-        frozen.requires_grad_(False)
+    frozen.requires_grad_(False)
     return frozen
 
 
@@ -139,7 +142,9 @@ def pair_batch(rows: Sequence[Row], encoder: Any) -> dict[str, Any]:
     """B preference rows of one step -> ``{"step", "n", "batch"}`` (chosen rows then rejected rows)."""
     for i, r in enumerate(rows):
         if len(r.completions) != 2:
-            raise ValueError(f"pair_batch: row {i} (uid {r.uid!r}) has {len(r.completions)} completions, not 2")
+            raise ValueError(
+                f"pair_batch: row {i} (uid {r.uid!r}) has {len(r.completions)} completions, not 2"
+            )
     rejected_prompts = [getattr(r, "rejected_prompt", None) or r.prompt for r in rows]
     prompts = [r.prompt for r in rows] + rejected_prompts
     completions = [r.completions[0] for r in rows] + [r.completions[1] for r in rows]
@@ -159,21 +164,23 @@ def _row_batches(rows: Sequence[Row], batch_size: int) -> list[list[int]]:
 
 
 def compute_reference_logps(
-    reference: nn.Module | ReferenceStrategy,
+    model_or_strategy: nn.Module | ReferenceStrategy,
     rows_or_loader: Sequence[Row] | Iterable[Mapping[str, Any]],
     encoder: Any = None,
     batch_size: int = 16,
 ) -> list[tuple[float, float]]:
     """Summed reference log-probs ``(chosen, rejected)`` per pair, computed once, batched, without gradients.
 
-    ``reference`` is a model (used as is, in eval mode) or a strategy (a LoRA model's
+    ``model_or_strategy`` is a model (used as is, in eval mode) or a strategy (a LoRA model's
     ``AdapterDisabledReference(model)``, a ``FrozenCopyReference``). ``rows_or_loader`` is a sequence of
     preference :class:`~visrl.data.rows.Row` s (then ``encoder`` is required; the result follows the rows'
     order) or an iterable of pair batches (the result follows the loader's order).
     """
-    if isinstance(reference, PrecomputedReference):
+    if isinstance(model_or_strategy, PrecomputedReference):
         raise TypeError("compute_reference_logps: PrecomputedReference has no model to compute with")
-    strategy = reference if isinstance(reference, ReferenceStrategy) else FrozenCopyReference(reference, False)
+    strategy = model_or_strategy
+    if not isinstance(strategy, ReferenceStrategy):
+        strategy = FrozenCopyReference(model_or_strategy, copy=False)
     if isinstance(rows_or_loader, Sequence) and (not rows_or_loader or isinstance(rows_or_loader[0], Row)):
         if encoder is None:
             raise ValueError("compute_reference_logps: pass the encoder to compute from rows")
@@ -230,7 +237,9 @@ def processor_fingerprint(encoder: Any) -> str:
     image = encoder.image_processor
     settings = image.to_dict() if hasattr(image, "to_dict") else vars(image)
     parts = [sorted(tok.get_vocab().items()), encoder.chat_template, type(encoder).__name__, settings]
-    return hashlib.blake2b(json.dumps(parts, sort_keys=True, default=str).encode(), digest_size=16).hexdigest()
+    return hashlib.blake2b(
+        json.dumps(parts, sort_keys=True, default=str).encode(), digest_size=16
+    ).hexdigest()
 
 
 class ReferenceCache:
@@ -256,7 +265,9 @@ class ReferenceCache:
         if path.is_file():
             data = json.loads(path.read_text())
             if data.get("key") != dict(key_parts):
-                raise ValueError(f"ReferenceCache: {path}: field 'key' {data.get('key')} != {dict(key_parts)}")
+                raise ValueError(
+                    f"ReferenceCache: {path}: field 'key' {data.get('key')} != {dict(key_parts)}"
+                )
             return [tuple(v) for v in data["logps"]]
         values = [(float(c), float(r)) for c, r in fn()]
         self.root.mkdir(parents=True, exist_ok=True)

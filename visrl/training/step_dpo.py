@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import pytorch_lightning as pl
@@ -38,17 +39,15 @@ from visrl.training.reference import PrecomputedReference, ReferenceStrategy, to
 __all__ = ["StepDPOModule", "StepOutput"]
 
 
+@dataclass
 class StepOutput:
     """Everything one pair batch yields: the weighted loss and TRL-named metrics."""
 
-    def __init__(
-        self, loss: Tensor, out: PreferenceLossOutput, chosen: Tensor, rejected: Tensor, sft: Tensor | None
-    ) -> None:
-        self.loss = loss  # scalar, differentiable: weight * (mean DPO loss + ftx * mean SFT term)
-        self.out = out  # per-example losses and rewards [B]
-        self.chosen_logps = chosen.detach()  # [B] policy summed log-probs
-        self.rejected_logps = rejected.detach()  # [B]
-        self.sft = sft  # [B] or None
+    loss: Tensor  # scalar, differentiable: weight * (mean DPO loss + ftx * mean SFT term)
+    out: PreferenceLossOutput  # per-example losses [B] and rewards [B]
+    chosen_logps: Tensor  # [B] policy summed log-probs, detached
+    rejected_logps: Tensor  # [B], detached
+    sft: Tensor | None = None  # [B] SFT term of the chosen completions (ftx > 0), detached
 
     def metrics(self) -> dict[str, Tensor]:
         """Batch means under TRL's names (``rewards/chosen`` ... ``logps/rejected``) plus the step's loss."""
@@ -63,7 +62,7 @@ class StepOutput:
             "logps/rejected": self.rejected_logps.mean(),
         }
         if self.sft is not None:
-            m["sft"] = self.sft.detach().mean()
+            m["sft"] = self.sft.mean()
         return m
 
 
@@ -151,7 +150,13 @@ class StepDPOModule(pl.LightningModule):
         if self.ftx:
             sft = sft_term(chosen, n_tokens[:n])  # [B]
             objective = objective + self.ftx * sft.mean()
-        return StepOutput(self.weights[step] * objective, out, chosen, rejected, sft)
+        return StepOutput(
+            self.weights[step] * objective,
+            out,
+            chosen.detach(),
+            rejected.detach(),
+            None if sft is None else sft.detach(),
+        )
 
     def _weighted(self, pairs: Mapping[str, Any]) -> bool:
         if "step" not in pairs or "batch" not in pairs or "n" not in pairs:
@@ -163,11 +168,22 @@ class StepDPOModule(pl.LightningModule):
         on_step = split == "train"
         for key, value in result.metrics().items():
             self.log(f"{split}/{step}/{key}", value, batch_size=n, on_step=on_step, on_epoch=not on_step)
-        self.log(f"{split}/loss", result.loss.detach(), batch_size=n, on_step=on_step, on_epoch=not on_step,
-                 prog_bar=on_step)
+        self.log(
+            f"{split}/loss",
+            result.loss.detach(),
+            batch_size=n,
+            on_step=on_step,
+            on_epoch=not on_step,
+            prog_bar=on_step,
+        )
 
     def training_step(self, pairs: Mapping[str, Any], batch_idx: int) -> Tensor | None:
         if not self._weighted(pairs):
+            if self._trainer is not None and self.trainer.world_size > 1:
+                raise ValueError(
+                    f"StepDPOModule: a {pairs['step']!r} batch has no weight in {self.weights}; Lightning cannot "
+                    "skip batches under distributed training: serve only weighted steps from the DataModule"
+                )
             return None  # automatic optimisation: no backward, no update for this batch
         result = self.step_output(pairs)
         self._log_step("train", pairs, result)
