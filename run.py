@@ -15,10 +15,15 @@ from __future__ import annotations
 
 import logging
 import sys
+import warnings
 from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
+
+# Lightning's startup chatter (tips, device banners) and known-benign deprecations from its internals
+warnings.filterwarnings("ignore", message=r".*(LeafSpec|Total length of|val_dataloader|does not have many workers).*")
+logging.getLogger("pytorch_lightning.utilities.rank_zero").setLevel(logging.WARNING)
 
 OmegaConf.register_new_resolver("run_name", lambda s: s.replace("/", "_") if s else "default", replace=True)
 
@@ -45,18 +50,20 @@ def _cause(exc: BaseException, kind: type) -> BaseException | None:
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> float | None:
     from visrl.logging.sweep import is_complete, mark_complete, mark_failed
-    from visrl.models.real import WeightsNotFoundError
-    from visrl.pipeline import run
 
     job_dir = Path(cfg.paths.output_dir)
     if is_complete(job_dir):
         log.info("%s is complete; skipping (delete it to run again)", job_dir)
         return None
+    from visrl.models.real import WeightsNotFoundError  # heavy (torch, transformers): not for a skipped job
+    from visrl.pipeline import run
+    from visrl.training.distributed import StrategyUnavailableError, is_rank_zero
+
     try:
         summary = run(cfg)
     except Exception as e:
         mark_failed(job_dir, e)
-        missing = _cause(e, WeightsNotFoundError)
+        missing = _cause(e, WeightsNotFoundError) or _cause(e, StrategyUnavailableError)
         if missing is not None:  # one actionable line, no stack trace
             print(f"error: {missing}", file=sys.stderr)
             if _is_multirun():
@@ -66,7 +73,8 @@ def main(cfg: DictConfig) -> float | None:
             log.exception("job %s failed; the sweep goes on", job_dir)
             return None
         raise
-    mark_complete(job_dir)
+    if is_rank_zero():
+        mark_complete(job_dir)
     return summary.get("final_metric") if isinstance(summary, dict) else None
 
 

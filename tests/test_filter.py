@@ -87,11 +87,18 @@ def test_custom_config_and_margin() -> None:
 
 @pytest.mark.parametrize(
     "kwargs",
-    [{"answer_lo": 0.9, "answer_hi": 0.1}, {"crop_hi": 1.5}, {"crop_lo": -0.1}, {"min_margin": -0.1}],
+    [{"answer_hi": 1.1}, {"crop_hi": 1.5}, {"crop_lo": -0.1}, {"min_margin": -0.1}],
 )
 def test_bad_config(kwargs: dict) -> None:
     with pytest.raises(ValueError, match="FilterConfig"):
         FilterConfig(**kwargs)
+
+
+def test_crop_gate_off_keeps_answer_only_pairs() -> None:
+    """crop_hi=0, crop_lo=1 (the answer-only ablation) is valid: any crop score passes both gates."""
+    cfg = FilterConfig(crop_hi=0.0, crop_lo=1.0)
+    decision = select_pair(group((1.0, 0.1), (0.0, 0.9)), cfg)
+    assert decision.kept and (decision.chosen, decision.rejected) == (0, 1)
 
 
 def test_count_reasons() -> None:

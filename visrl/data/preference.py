@@ -15,7 +15,16 @@ Batches hold rows of ONE step (:class:`~visrl.data.rows.StepBucketSampler`: one-
 to two-image length) and put chosen and rejected in ONE forward: ``{"step", "batch", "n", "uids"}`` where
 ``batch`` collates the B chosen sequences then the B rejected ones (the DPO module splits ``[:n]`` /
 ``[n:]``), plus ``ref_chosen`` / ``ref_rejected`` [B] when the rows carry precomputed reference log-probs
-(:func:`attach_reference_logps`, cached in ``iter_k/ref_logps.json``).
+(:func:`attach_reference_logps`: one no-grad pass per iteration, each pair's shared prompt encoded once by
+:func:`~visrl.training.pair_logps.pair_logps`, cached in ``iter_k/ref_logps.json`` or, with
+``ref_cache_dir``, in a :class:`~visrl.training.reference.ReferenceCache` keyed by (reference weights,
+rows, processor), so a beta / loss sweep over the same iteration data computes them once).
+
+Several processes (``trainer=ddp`` ...; :mod:`visrl.training.distributed`): every rank runs
+:meth:`PreferenceDataModule.regenerate`; rank r samples the question chunks ``i % world == r`` into
+``candidates.rank{r}.jsonl``, rank 0 merges them into ``candidates.jsonl`` (byte-identical to one
+process: chunks are seeded by index) and builds the pairs, the others wait and load the same pairs.
+Reference log-probs are split across ranks and gathered; training batches are dealt out per rank.
 """
 
 from __future__ import annotations
@@ -36,12 +45,35 @@ from visrl.data.boxes import Box
 from visrl.data.images import crop_view, load_rgb, resolve, to_view
 from visrl.data.records import PreferenceRecord, VisCoTRecord, read_pairs
 from visrl.data.rows import Row, RowDataset, StepBucketSampler
-from visrl.models.logprobs import sequence_logps
 from visrl.prompts import PromptTemplates
-from visrl.rollout.dataset import CANDIDATES, PAIRS, REF_LOGPS, build_pairs, write_json_atomic
+from visrl.rollout.dataset import (
+    CANDIDATES,
+    PAIRS,
+    REF_LOGPS,
+    STATS,
+    build_pairs,
+    meta_path,
+    write_json_atomic,
+)
 from visrl.rollout.filter import FilterConfig
-from visrl.rollout.generator import RolloutConfig, derive_seed, generate_candidates, model_fingerprint
+from visrl.rollout.generator import (
+    RolloutConfig,
+    derive_seed,
+    generate_candidates,
+    merge_shards,
+    model_fingerprint,
+    shard_path,
+)
 from visrl.rollout.scorers import Scorer
+from visrl.training import reference as ref
+from visrl.training.distributed import (
+    all_gather_objects,
+    barrier,
+    is_rank_zero,
+    rank_world,
+    shard_batches,
+    wait_for_file,
+)
 
 __all__ = [
     "PreferenceDataModule",
@@ -50,6 +82,7 @@ __all__ = [
     "iteration_questions",
     "pair_length",
     "preference_rows",
+    "reference_values",
 ]
 
 log = logging.getLogger(__name__)
@@ -110,24 +143,14 @@ def pair_length(row: Row) -> int:
 def collate_pairs(rows: Sequence[Row], encoder: Any) -> dict[str, Any]:
     """B rows of one step -> ``{"step", "batch", "n", "uids"}`` (+ ``ref_chosen``/``ref_rejected`` [B]).
 
-    ``batch`` is ``encoder.collate`` of 2B sequences, right-padded: rows ``[:B]`` chosen, ``[B:]``
-    rejected (each rejected on its own prompt when the row has ``rejected_prompt``).
+    ``batch`` is :func:`visrl.training.reference.pair_batch`'s ``encoder.collate`` of 2B sequences,
+    right-padded: rows ``[:B]`` chosen, ``[B:]`` rejected (each rejected on its own prompt when the row has
+    ``rejected_prompt``).
     """
     steps = {r.step for r in rows}
     if len(steps) != 1:
         raise ValueError(f"collate_pairs: a batch must hold one step, got {sorted(steps)}")
-    if any(len(r.completions) != 2 for r in rows):
-        raise ValueError("collate_pairs: every row needs two completions (chosen, rejected)")
-    prompts = [r.prompt for r in rows] + [
-        r.rejected_prompt if r.rejected_prompt is not None else r.prompt for r in rows
-    ]
-    completions = [r.completions[0] for r in rows] + [r.completions[1] for r in rows]
-    out: dict[str, Any] = {
-        "step": steps.pop(),
-        "batch": encoder.collate(prompts, completions, "right"),  # [2B, T]
-        "n": len(rows),
-        "uids": [r.uid for r in rows],
-    }
+    out: dict[str, Any] = {**ref.pair_batch(rows, encoder), "uids": [r.uid for r in rows]}  # batch: [2B, T]
     with_ref = [r.ref_logps is not None for r in rows]
     if any(with_ref) and not all(with_ref):
         raise ValueError("collate_pairs: some rows of the batch carry reference log-probs and some do not")
@@ -137,9 +160,76 @@ def collate_pairs(rows: Sequence[Row], encoder: Any) -> dict[str, Any]:
     return out
 
 
-def _to_model(batch: dict[str, torch.Tensor], model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    p = next(model.parameters())
-    return {k: v.to(p.device, dtype=p.dtype if v.is_floating_point() else None) for k, v in batch.items()}
+def reference_values(
+    rows: Sequence[Row], model: torch.nn.Module, encoder: Any, batch_size: int = 16
+) -> list[tuple[float, float]]:
+    """Summed ``(log π_ref(chosen), log π_ref(rejected))`` of every row, in row order, no grad, eval mode.
+
+    Batches hold one step, similar lengths (:class:`StepBucketSampler`), and are moved to the model's
+    device here; :func:`~visrl.training.reference.compute_reference_logps` runs them through
+    :func:`~visrl.training.pair_logps.pair_logps` (each pair's prompt encoded once). With several ranks
+    each computes every ``world``-th row and the values are gathered, so all ranks return the same list.
+    """
+    rank, world = rank_world()
+    mine = list(range(rank, len(rows), world))
+    batches = [
+        [mine[i] for i in b] for b in StepBucketSampler([rows[i] for i in mine], batch_size, shuffle=False)
+    ]
+    loader = (
+        {**pairs, "batch": ref.to_model(pairs["batch"], model)}
+        for pairs in (ref.pair_batch([rows[i] for i in idx], encoder) for idx in batches)
+    )
+    values = ref.compute_reference_logps(model, loader)  # follows ``batches``
+    out: list[tuple[float, float] | None] = [None] * len(rows)
+    for part in all_gather_objects(list(zip([i for b in batches for i in b], values))):
+        for i, value in part:
+            out[i] = value
+    missing = [i for i, v in enumerate(out) if v is None]
+    if missing:
+        raise RuntimeError(f"reference_values: no value for rows {missing[:5]} (ranks disagree on the rows?)")
+    return out  # type: ignore[return-value]
+
+
+def _check_unique(rows: Sequence[Row]) -> None:
+    keys = Counter(f"{r.uid}|{r.step}" for r in rows)
+    dup = sorted(k for k, n in keys.items() if n > 1)
+    if dup:
+        raise ValueError(f"attach_reference_logps: rows share uid|step keys {dup[:5]} (duplicate questions?)")
+
+
+def _per_row_file(
+    rows: Sequence[Row], model: torch.nn.Module, encoder: Any, batch_size: int, path: Path | None
+) -> list[tuple[float, float]]:
+    """Values from / into a JSON keyed by ``"uid|step"`` and tagged with the reference's fingerprint: rows
+    already in it are reused, the others computed; rank 0 writes."""
+    tag = model_fingerprint(model)
+    cached: dict[str, list[float]] = {}
+    if path is not None and path.exists():
+        data = json.loads(path.read_text())
+        cached = data["logps"] if data.get("reference") == tag else {}
+    todo = [r for r in rows if f"{r.uid}|{r.step}" not in cached]
+    for r, value in zip(todo, reference_values(todo, model, encoder, batch_size)):
+        cached[f"{r.uid}|{r.step}"] = list(value)
+    if path is not None and todo and is_rank_zero():
+        write_json_atomic(path, {"reference": tag, "logps": cached})
+    return [tuple(cached[f"{r.uid}|{r.step}"]) for r in rows]
+
+
+def _content_cache(
+    rows: Sequence[Row], model: torch.nn.Module, encoder: Any, batch_size: int, cache: ref.ReferenceCache
+) -> list[tuple[float, float]]:
+    """Values from / into ``cache`` under (reference weights, rows, processor) fingerprints; rank 0 writes."""
+    key = {
+        "model": ref.model_fingerprint(model),
+        "rows": ref.rows_fingerprint(rows),
+        "processor": ref.processor_fingerprint(encoder),
+    }
+    if cache.path(key).is_file():
+        return cache.get_or_compute(key, lambda: [])  # a hit: read (and key-checked), never computed
+    values = reference_values(rows, model, encoder, batch_size)
+    if is_rank_zero():
+        cache.get_or_compute(key, lambda: values)  # writes atomically
+    return values
 
 
 def attach_reference_logps(
@@ -148,45 +238,27 @@ def attach_reference_logps(
     encoder: Any = None,
     batch_size: int = 16,
     cache_path: Path | str | None = None,
+    cache: ref.ReferenceCache | None = None,
 ) -> list[Row]:
-    """Set ``row.ref_logps = (log π_ref(chosen), log π_ref(rejected))`` (summed) on every row, in no-grad
-    batches of one step laid out exactly as training batches.
+    """Set ``row.ref_logps = (log π_ref(chosen), log π_ref(rejected))`` (summed) on every row
+    (:func:`reference_values`).
 
     ``reference`` is a VLMPolicy (its model and encoder are used) or a model (then pass ``encoder``).
-    With ``cache_path`` the values are read from / written to a JSON keyed by ``"uid|step"``, tagged with
-    the reference model's fingerprint: a resumed run reuses them, a different reference recomputes.
+    ``cache`` (a :class:`~visrl.training.reference.ReferenceCache`) reuses values across runs keyed by
+    (reference weights, rows, processor); else ``cache_path`` reads / writes a JSON keyed by
+    ``"uid|step"`` tagged with the reference's fingerprint (a resumed run reuses it, another reference
+    recomputes). Either way every rank decides hit or miss alike and only rank 0 writes.
     """
-    keys = Counter(f"{r.uid}|{r.step}" for r in rows)
-    dup = sorted(k for k, n in keys.items() if n > 1)
-    if dup:
-        raise ValueError(f"attach_reference_logps: rows share uid|step keys {dup[:5]} (duplicate questions?)")
+    _check_unique(rows)
     model = getattr(reference, "model", reference)
     encoder = encoder if encoder is not None else reference.backbone.encoder
-    tag = model_fingerprint(model)
-    cached: dict[str, list[float]] = {}
-    if cache_path is not None and Path(cache_path).exists():
-        data = json.loads(Path(cache_path).read_text())
-        cached = data["logps"] if data.get("reference") == tag else {}
-    todo = [r for r in rows if f"{r.uid}|{r.step}" not in cached]
-    was_training = model.training
-    model.eval()
-    try:
-        for step in sorted({r.step for r in todo}):
-            same = [r for r in todo if r.step == step]
-            for start in range(0, len(same), batch_size):
-                part = same[start : start + batch_size]
-                with torch.no_grad():
-                    sums, _ = sequence_logps(
-                        model, _to_model(collate_pairs(part, encoder)["batch"], model)
-                    )  # [2B]
-                for i, r in enumerate(part):
-                    cached[f"{r.uid}|{r.step}"] = [float(sums[i]), float(sums[len(part) + i])]
-    finally:
-        model.train(was_training)
-    for r in rows:
-        r.ref_logps = tuple(cached[f"{r.uid}|{r.step}"])
-    if cache_path is not None and todo:
-        write_json_atomic(cache_path, {"reference": tag, "logps": cached})
+    barrier()  # no rank is still writing a cache file while the others look for it
+    if cache is not None:
+        values = _content_cache(rows, model, encoder, batch_size, cache)
+    else:
+        values = _per_row_file(rows, model, encoder, batch_size, Path(cache_path) if cache_path else None)
+    for r, value in zip(rows, values):
+        r.ref_logps = (float(value[0]), float(value[1]))
     return list(rows)
 
 
@@ -204,6 +276,8 @@ class PreferenceDataModule(pl.LightningDataModule):
     """Per-iteration preference data: regenerate with the current policy, then serve step-bucketed pairs.
 
     ``steps`` selects the rows the train dataloader serves (stage 1: ``("box",)``; stage 2: both).
+    ``ref_cache_dir``: where reference log-probs are cached across runs (``${paths.cache_dir}/ref_logps``
+    in the pipeline); None keeps them in ``iter_k/ref_logps.json`` only.
     """
 
     def __init__(
@@ -222,6 +296,7 @@ class PreferenceDataModule(pl.LightningDataModule):
         questions_per_iter: int | None = None,
         steps: Sequence[str] = STEPS,
         seed: int = 0,
+        ref_cache_dir: Path | str | None = None,
     ) -> None:
         super().__init__()
         self.run_dir, self.image_root = Path(run_dir), Path(image_root)
@@ -231,6 +306,7 @@ class PreferenceDataModule(pl.LightningDataModule):
         self.batch_size, self.max_length, self.seed = batch_size, max_length, seed
         self.rejected_own_crop, self.questions_per_iter = rejected_own_crop, questions_per_iter
         self.steps = tuple(steps)
+        self.ref_cache = ref.ReferenceCache(ref_cache_dir) if ref_cache_dir is not None else None
         self.rows: list[Row] = []
         self.dropped: dict[str, int] = {}
         self.encoder: Any = None
@@ -241,31 +317,57 @@ class PreferenceDataModule(pl.LightningDataModule):
 
     def regenerate(self, policy: Any, k: int, m_org: Any = None) -> Path:
         """Rollouts of iteration ``k`` by ``policy`` scored by ``m_org`` (default: the policy itself),
-        filtered into pairs, encoded into rows. Resumable: finished chunks are reused. Returns iter_k/."""
+        filtered into pairs, encoded into rows. Resumable: finished chunks are reused. Returns iter_k/.
+
+        Every rank calls it (module docstring); a worker whose process group is not up yet (Lightning
+        starts workers at the first fit, and a resumed run may regenerate before any fit) waits for the
+        pairs rank 0 writes.
+        """
         out = self.iter_dir(k)
+        rank, world = rank_world()
+        if world == 1 and not is_rank_zero():
+            wait_for_file(out / STATS)  # written last, atomically, by build_pairs on rank 0
+            return self.load(out, policy.backbone)
         questions = iteration_questions(self.pool, self.questions_per_iter, k)
-        cfg = dataclasses.replace(self.rollout, seed=derive_seed(self.rollout.seed, k))
-        candidates = generate_candidates(
-            policy,
-            m_org if m_org is not None else policy,
-            questions,
-            self.templates,
-            cfg,
-            *self.scorers,
-            out / CANDIDATES,
-            self.image_root,
-        )
-        _, stats = build_pairs(
-            candidates, self.filter_cfg, self.templates, out, self.image_root, records=questions
-        )
-        log.info(
-            "iter %d: %d pairs from %d questions (drops: %s)",
-            k,
-            stats["pairs"],
-            stats["questions"],
-            {r: n for r, n in stats["drop_reasons"].items() if n},
-        )
+        candidates = self._candidates(policy, m_org if m_org is not None else policy, questions, k)
+        if rank == 0:
+            _, stats = build_pairs(
+                candidates, self.filter_cfg, self.templates, out, self.image_root, records=questions
+            )
+            drops = {r: n for r, n in stats["drop_reasons"].items() if n}
+            log.info(
+                "iter %d: %d pairs from %d questions (drops: %s)",
+                k,
+                stats["pairs"],
+                stats["questions"],
+                drops,
+            )
+        barrier()  # the pairs are on disk
         return self.load(out, policy.backbone)
+
+    def _candidates(self, policy: Any, m_org: Any, questions: list[VisCoTRecord], k: int) -> list[dict]:
+        """All candidates of iteration ``k`` on rank 0 (``[]`` on the others).
+
+        One process: generate (or finish) ``candidates.jsonl``. Several: each rank its shard, then rank 0
+        merges (byte-identical to one process) and removes the shards; a ``candidates.jsonl`` that exists
+        already (a finished iteration, or one a single process started) is finished by rank 0 alone.
+        """
+        rank, world = rank_world()
+        path = self.iter_dir(k) / CANDIDATES
+        cfg = dataclasses.replace(self.rollout, seed=derive_seed(self.rollout.seed, k))
+        args = (policy, m_org, questions, self.templates, cfg, *self.scorers, path, self.image_root)
+        if world == 1 or path.exists():  # every rank sees the same: only rank 0 writes it, after a barrier
+            return generate_candidates(*args) if rank == 0 else []
+        generate_candidates(*args, shard=(rank, world))
+        barrier()  # every shard is complete
+        if rank != 0:
+            return []
+        shards = [shard_path(path, r, world) for r in range(world)]
+        rows = merge_shards(shards, path)
+        for shard in shards:
+            shard.unlink()
+            meta_path(shard).unlink()
+        return rows
 
     def load(self, iter_dir: Path | str, backbone: Any) -> Path:
         """Encode the rows of an iteration directory's pairs.json with ``backbone``; returns the dir."""
@@ -285,23 +387,30 @@ class PreferenceDataModule(pl.LightningDataModule):
         return [r for r in self.rows if r.step in steps]
 
     def attach_reference_logps(self, reference: Any, batch_size: int | None = None) -> None:
-        """Precompute reference log-probs of all rows once (cached in ``iter_k/ref_logps.json``)."""
+        """Precompute reference log-probs of all rows once per iteration and reference (cached: the
+        ``ref_cache_dir`` cache when set, else ``iter_k/ref_logps.json``)."""
         if self.current_dir is None:
             raise RuntimeError(
                 "PreferenceDataModule: call regenerate() or load() before attach_reference_logps()"
             )
         attach_reference_logps(
-            self.rows, reference, self.encoder, batch_size or self.batch_size, self.current_dir / REF_LOGPS
+            self.rows,
+            reference,
+            self.encoder,
+            batch_size or self.batch_size,
+            cache_path=None if self.ref_cache is not None else self.current_dir / REF_LOGPS,
+            cache=self.ref_cache,
         )
 
     def collate(self, rows: list[Row]) -> dict[str, Any]:
         return collate_pairs(rows, self.encoder)
 
     def dataloader(self, steps: Sequence[str], shuffle: bool = True) -> DataLoader:
+        """Step-bucketed pair batches of ``steps``; with several ranks each gets its share of the batches."""
         rows = self.rows_for(steps)
         if not rows:
             raise ValueError(f"PreferenceDataModule: no rows of steps {list(steps)} in {self.current_dir}")
-        sampler = StepBucketSampler(rows, self.batch_size, shuffle=shuffle, seed=self.seed)
+        sampler = shard_batches(StepBucketSampler(rows, self.batch_size, shuffle=shuffle, seed=self.seed))
         return DataLoader(RowDataset(rows), batch_sampler=sampler, collate_fn=self.collate)
 
     def train_dataloader(self) -> DataLoader:

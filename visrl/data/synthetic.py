@@ -222,7 +222,9 @@ class SyntheticDataset:
         for split_idx, split in enumerate(("sft", "rl", "test")):
             if not self.split_path(split).exists():
                 self._write_split(split, getattr(self.sizes, split), self.seed * 1000 + split_idx)
-        (self.root / "world.json").write_text(json.dumps(self.meta, indent=2))
+        meta, world = json.dumps(self.meta, indent=2), self.root / "world.json"
+        if not world.exists() or world.read_text() != meta:  # a second process (DDP rank) only reads
+            world.write_text(meta)
         return {s: self.split_path(s) for s in ("sft", "rl", "test")}
 
     def _write_split(self, split: str, n: int, seed: int) -> None:

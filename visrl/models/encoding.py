@@ -16,7 +16,9 @@ tokens and vision tensors:
 The code only uses the processor API (``processor.tokenizer``, ``processor.image_processor``,
 ``processor.chat_template``, LLaVA's ``patch_size`` / ``num_additional_image_tokens`` /
 ``vision_feature_select_strategy``), so it serves the tiny and the real 7B processors alike. Processed
-pixels are cached per image object, so an image shared by N sampled candidates is processed once.
+pixels are cached per image object, so an image shared by N sampled candidates is processed once, and
+token ids per prompt text, so the N answer prompts of a question (same text, other crops) are rendered
+and tokenized once.
 """
 
 from __future__ import annotations
@@ -51,7 +53,14 @@ class VLMEncoder:
     family = "base"
     uses_token_types = False
 
-    def __init__(self, processor: Any, end_of_turn: str | None = None, cache_size: int = 128) -> None:
+    def __init__(
+        self,
+        processor: Any,
+        end_of_turn: str | None = None,
+        cache_size: int = 512,
+        *,
+        cache_bytes: int = 1 << 30,
+    ) -> None:
         self.processor = processor
         self.tokenizer = processor.tokenizer
         self.image_processor = processor.image_processor
@@ -71,6 +80,9 @@ class VLMEncoder:
         self.stop_token_ids: list[int] = sorted(i for i in stops if i is not None)
         self._cache: OrderedDict[int, tuple[Image.Image, dict[str, Tensor], int]] = OrderedDict()
         self._cache_size = cache_size
+        self._cache_bytes = cache_bytes
+        self._cached_bytes = 0
+        self._texts: OrderedDict[tuple, list[int]] = OrderedDict()  # conversation text -> token ids
 
     # ---- per-image work (family specific) -------------------------------------------------------------
     def _process_image(self, image: Image.Image) -> tuple[dict[str, Tensor], int]:
@@ -82,7 +94,11 @@ class VLMEncoder:
         raise NotImplementedError
 
     def image_features(self, image: Image.Image) -> tuple[dict[str, Tensor], int]:
-        """Cached :meth:`_process_image`; the cache keeps the image alive so its id is never reused."""
+        """Cached :meth:`_process_image`; the cache keeps the image alive so its id is never reused.
+
+        Least recently used entries go beyond ``cache_size`` images or ``cache_bytes`` of tensors (a chunk
+        of rollouts touches its views and every crop several times; large real images are big).
+        """
         key = id(image)
         hit = self._cache.get(key)
         if hit is not None and hit[0] is image:
@@ -90,8 +106,11 @@ class VLMEncoder:
             return hit[1], hit[2]
         vision, n_tokens = self._process_image(image)
         self._cache[key] = (image, vision, n_tokens)
-        if len(self._cache) > self._cache_size:
-            self._cache.popitem(last=False)
+        self._cached_bytes += _nbytes(vision)
+        while len(self._cache) > 1 and (
+            len(self._cache) > self._cache_size or self._cached_bytes > self._cache_bytes
+        ):
+            self._cached_bytes -= _nbytes(self._cache.popitem(last=False)[1][1])
         return vision, n_tokens
 
     # ---- prompts --------------------------------------------------------------------------------------
@@ -112,19 +131,13 @@ class VLMEncoder:
             raise ValueError(
                 f"{type(self).__name__}.encode_prompt: a prompt must end with a user turn, got {prompt!r}"
             )
-        text = self.tokenizer.apply_chat_template(
-            self.conversation(prompt),
-            chat_template=self.chat_template,
-            tokenize=False,
-            add_generation_prompt=True,
-        )
-        ids: list[int] = self.tokenizer(text, add_special_tokens=True).input_ids
+        ids = self._prompt_ids(prompt)
         images = [im for message in prompt for im in message.images]
         n_markers = ids.count(self.image_token_id)
         if n_markers != len(images):
             raise ValueError(
                 f"{type(self).__name__}.encode_prompt: the rendered prompt has {n_markers} image tokens "
-                f"{self.image_token!r} but the prompt holds {len(images)} images (text: {text[:200]!r})"
+                f"{self.image_token!r} but the prompt holds {len(images)} images (text: {self._render(prompt)[:200]!r})"
             )
         features = [self.image_features(im) for im in images]
         expanded: list[int] = []
@@ -143,6 +156,28 @@ class VLMEncoder:
             k: torch.cat([f[0][k] for f in features], dim=0) for k in (features[0][0] if features else {})
         }
         return EncodedPrompt(expanded, types if self.uses_token_types else None, vision)
+
+    def _render(self, prompt: Prompt) -> str:
+        return self.tokenizer.apply_chat_template(
+            self.conversation(prompt),
+            chat_template=self.chat_template,
+            tokenize=False,
+            add_generation_prompt=True,
+        )
+
+    def _prompt_ids(self, prompt: Prompt) -> list[int]:
+        """Token ids of the rendered chat (one marker per image), cached by the prompt's text and image
+        positions: the K prompts of a question differ only in their images."""
+        key = tuple((m.role, tuple(p if isinstance(p, str) else None for p in m.parts)) for m in prompt)
+        ids = self._texts.get(key)
+        if ids is None:
+            ids = self.tokenizer(self._render(prompt), add_special_tokens=True).input_ids
+            self._texts[key] = ids
+            if len(self._texts) > 4 * self._cache_size:
+                self._texts.popitem(last=False)
+        else:
+            self._texts.move_to_end(key)
+        return list(ids)
 
     def encode_completion(self, text: str) -> list[int]:
         """Token ids of ``text`` followed by the end-of-turn token(s)."""
@@ -200,6 +235,10 @@ class VLMEncoder:
         for k in sorted(keys):
             batch[k] = torch.cat([p.vision[k] for p in prompts if k in p.vision], dim=0)
         return batch
+
+
+def _nbytes(vision: dict[str, Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in vision.values())
 
 
 class QwenEncoder(VLMEncoder):
@@ -267,10 +306,12 @@ class LlavaEncoder(VLMEncoder):
         self,
         processor: Any,
         end_of_turn: str | None = None,
-        cache_size: int = 128,
+        cache_size: int = 512,
         pad_to_square: bool = True,
+        *,
+        cache_bytes: int = 1 << 30,
     ) -> None:
-        super().__init__(processor, end_of_turn, cache_size)
+        super().__init__(processor, end_of_turn, cache_size, cache_bytes=cache_bytes)
         self.pad_to_square = pad_to_square
 
     def _square(self, image: Image.Image) -> Image.Image:

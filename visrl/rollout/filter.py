@@ -79,10 +79,12 @@ class FilterConfig:
     min_margin: float = 0.0
 
     def __post_init__(self) -> None:
-        for lo, hi in (("answer_lo", "answer_hi"), ("crop_lo", "crop_hi")):
-            vlo, vhi = getattr(self, lo), getattr(self, hi)
-            if not 0.0 <= vlo <= vhi <= 1.0:
-                raise ValueError(f"FilterConfig: need 0 <= {lo} <= {hi} <= 1, got {lo}={vlo}, {hi}={vhi}")
+        # each threshold applies to a different candidate (chosen vs rejected), so lo > hi is legitimate:
+        # crop_hi=0, crop_lo=1 switches the crop gate off (the answer-only ablation)
+        for name in ("answer_lo", "answer_hi", "crop_lo", "crop_hi"):
+            value = getattr(self, name)
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"FilterConfig: {name} must be in [0, 1], got {value}")
         if not 0.0 <= self.min_margin <= 1.0:
             raise ValueError(f"FilterConfig: min_margin must be in [0, 1], got {self.min_margin}")
 

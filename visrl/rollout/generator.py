@@ -37,6 +37,7 @@ import logging
 import random
 import time
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -332,9 +333,17 @@ def _run_chunk(
     cfg: RolloutConfig,
     scorers: tuple[Scorer, Scorer],
 ) -> list[dict]:
-    """Sample, parse, synthesise, crop, answer and score every candidate of one chunk; rows in order."""
-    rows = _step1(chunk, policy, templates, cfg)
-    _step2(rows, chunk, policy, m_org, templates, cfg, scorers)
+    """Sample, parse, synthesise, crop, answer and score every candidate of one chunk; rows in order.
+
+    Weights are fixed within a chunk, so each model's vision features of an image (the full view in both
+    steps, a crop when answering and when crop-scoring) are computed once (``VLMPolicy.vision_cache``).
+    """
+    with ExitStack() as stack:
+        for model in {id(policy): policy, id(m_org): m_org}.values():
+            if hasattr(model, "vision_cache"):
+                stack.enter_context(model.vision_cache())
+        rows = _step1(chunk, policy, templates, cfg)
+        _step2(rows, chunk, policy, m_org, templates, cfg, scorers)
     for row in rows:
         row["box"] = list(row["box"].as_tuple()) if row["box"] is not None else None
     return rows

@@ -1,0 +1,44 @@
+"""Real Visual-CoT training data as the pipeline's data source (``data=viscot``), VisRL §4 setting.
+
+The synthetic world writes its splits itself; real data is the user's download: Visual-CoT JSON lists
+(``viscot_363k.json``-style records, ``visrl.data.records``) and the image root they are relative to. The
+SFT split needs boxes (``###`` suffix); the RL pool's boxes are never read by training code.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from visrl.data.records import read_viscot
+
+
+@dataclass
+class VisCoTFiles:
+    """Paths of the SFT split, the RL pool, an optional test split, and the image root."""
+
+    image_root: str | Path
+    sft: str | Path
+    rl: str | Path
+    test: str | Path | None = None
+
+    def ensure(self) -> dict[str, Path]:
+        """Check that every configured file exists and parses; return split name -> path."""
+        splits = {"sft": self.sft, "rl": self.rl, "test": self.test}
+        out: dict[str, Path] = {}
+        root = Path(self.image_root)
+        if not root.is_dir():
+            raise FileNotFoundError(f"data.image_root={root} is not a directory")
+        for name, path in splits.items():
+            if path is None:
+                continue
+            path = Path(path)
+            if not path.is_file():
+                raise FileNotFoundError(f"data.{name}={path} does not exist")
+            records = read_viscot(path)  # raises naming the file, record and field on bad input
+            if name == "sft":
+                missing = [i for i, r in enumerate(records) if r.box_px is None]
+                if missing:
+                    raise ValueError(f"{path}: SFT records {missing[:5]} have no '###[x1, y1, x2, y2]' box")
+            out[name] = path
+        return out
