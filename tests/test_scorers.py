@@ -229,7 +229,7 @@ def test_likelihood_crop_scorer_template_and_reduction() -> None:
 
 # ------------------------------------------------------------------------------------------------ registry
 def test_registry() -> None:
-    assert set(SCORERS) == {"judge_answer", "judge_crop", "rule_answer", "likelihood_crop"}
+    assert set(SCORERS) == {"judge_answer", "judge_crop", "rule_answer", "likelihood_crop", "random"}
     assert isinstance(get_scorer("rule_answer", metric="anls"), RuleAnswerScorer)
     assert get_scorer("likelihood_crop", reduction="mean").reduction == "mean"
     with pytest.raises(ValueError, match=r"unknown scorer 'judge'.*judge_answer.*likelihood_crop"):
@@ -248,3 +248,17 @@ def test_hydra_instantiation() -> None:
     )
     assert isinstance(scorer, LikelihoodCropScorer) and scorer.template == "{question} <image>"
     assert isinstance(instantiate({"_target_": "visrl.rollout.scorers.JudgeCropScorer"}), JudgeCropScorer)
+
+
+def test_random_scorer_is_seeded_uniform_and_content_keyed() -> None:
+    """Same item + seed -> same score; another seed or answer -> another score; all in [0, 1)."""
+    from visrl.rollout.scorers import RandomScorer
+
+    a = ScoreItem("q", "gold", "ans", None, None)
+    b = ScoreItem("q", "gold", "other", None, None)
+    s1, s2 = RandomScorer(seed=1), RandomScorer(seed=2)
+    assert s1.score([a])[0].score == s1.score([a])[0].score
+    assert s1.score([a])[0].score != s2.score([a])[0].score
+    assert s1.score([a])[0].score != s1.score([b])[0].score
+    scores = [r.score for r in s1.score([ScoreItem("q", "g", str(i), None, None) for i in range(200)])]
+    assert all(0.0 <= x < 1.0 for x in scores) and 0.35 < sum(scores) / len(scores) < 0.65

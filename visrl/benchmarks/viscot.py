@@ -49,7 +49,7 @@ from visrl.benchmarks.judge import Judge, JudgeRequest, build_judge, judge_answe
 from visrl.benchmarks.metrics import anls, exact_match
 from visrl.benchmarks.registry import register_benchmark
 from visrl.data.boxes import Box, BoxFormat, SqFloatFormat, crop_square, from_sq, iou, to_sq
-from visrl.data.images import to_view
+from visrl.data.images import open_rgb, to_view
 from visrl.data.records import DetRecord, VisCoTRecord, join_det, read_det, read_viscot
 from visrl.prompts import Message, Prompt, PromptTemplates, fill, user
 
@@ -276,14 +276,6 @@ def _write_jsonl(path: Path, rows: Sequence[Mapping[str, Any]]) -> None:
         f.writelines(json.dumps(r) + "\n" for r in rows)
 
 
-def _open_rgb(path: Path) -> Image.Image:
-    try:
-        with Image.open(path) as im:
-            return im.convert("RGB")
-    except (OSError, ValueError) as e:
-        raise FileNotFoundError(f"Visual-CoT: cannot read image {path}: {e}") from e
-
-
 @register_benchmark("viscot")
 class VisCoTBenchmark:
     """The Visual-CoT benchmark: box pass, answer pass, judge + rule answer scores, detection accuracy."""
@@ -342,7 +334,7 @@ class VisCoTBenchmark:
     ) -> list[dict]:
         """Both passes for a chunk of items; one prediction row per item (judge fields added later)."""
         size = getattr(getattr(policy, "backbone", None), "image_size", None)
-        images = [_open_rgb(resolve_image(self.root, it.record.image_path)) for it in chunk]
+        images = [open_rgb(resolve_image(self.root, it.record.image_path)) for it in chunk]
         views = [to_view(im, size) for im in images]
         prompts = [self.box_prompt(templates, it, v) for it, v in zip(chunk, views)]
         box_texts = [

@@ -40,7 +40,7 @@ from typing import Any
 from PIL import Image
 
 from visrl.benchmarks.registry import register_benchmark
-from visrl.data.images import to_view
+from visrl.data.images import open_rgb, to_view
 from visrl.prompts import Prompt, PromptTemplates, user
 
 __all__ = ["CATEGORIES", "POST_PROMPT", "VStarBenchmark", "VStarItem", "extract_letter", "load_vstar"]
@@ -137,14 +137,6 @@ def extract_letter(response: str, n_options: int) -> str | None:
     return None
 
 
-def _open_rgb(path: Path) -> Image.Image:
-    try:
-        with Image.open(path) as im:
-            return im.convert("RGB")
-    except (OSError, ValueError) as e:
-        raise FileNotFoundError(f"V*: cannot read image {path}: {e}") from e
-
-
 @register_benchmark("vstar")
 class VStarBenchmark:
     """V* Bench with the original likelihood protocol and/or the lmms-eval generation protocol."""
@@ -226,7 +218,7 @@ class VStarBenchmark:
         rows: list[dict] = []
         for start in range(0, len(items), self.batch_size):
             chunk = [
-                (it, to_view(_open_rgb(it.image_path), size)) for it in items[start : start + self.batch_size]
+                (it, to_view(open_rgb(it.image_path), size)) for it in items[start : start + self.batch_size]
             ]
             results: dict[str, list[dict]] = {}
             if "likelihood" in self.protocols:

@@ -15,13 +15,19 @@ from PIL import Image
 from visrl.data.boxes import Box, crop_tight
 
 
-@lru_cache(maxsize=4096)
-def load_rgb(path: str) -> Image.Image:
+def open_rgb(path: str | Path) -> Image.Image:
+    """Read an image as RGB; an unreadable file raises ``FileNotFoundError`` naming it."""
     try:
         with Image.open(path) as im:
             return im.convert("RGB")
     except (OSError, ValueError) as e:
         raise FileNotFoundError(f"cannot read image {path}: {e}") from e
+
+
+@lru_cache(maxsize=4096)
+def load_rgb(path: str) -> Image.Image:
+    """:func:`open_rgb`, cached (the small synthetic images are read many times per run)."""
+    return open_rgb(path)
 
 
 def to_view(image: Image.Image, size: int | None) -> Image.Image:

@@ -74,14 +74,16 @@ def _load_json_list(path: Path) -> list[Any]:
     return data
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    """Write via a temporary file in the same folder, so a crash never leaves half a file."""
+def write_text_atomic(path: Path | str, text: str) -> None:
+    """Write via a fsynced temporary file in the same folder, so a crash never leaves half a file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -182,7 +184,7 @@ def read_viscot(path: str | Path) -> list[VisCoTRecord]:
 def write_viscot(records: Iterable[VisCoTRecord], path: str | Path, indent: int | None = 4) -> None:
     """Write records as a list JSON. ``indent=4`` reproduces 12 of the 13 benchmark files byte for
     byte; ``visual7w.json`` was written without indentation (``indent=None``)."""
-    _write_atomic(Path(path), json.dumps([r.raw for r in records], indent=indent))
+    write_text_atomic(path, json.dumps([r.raw for r in records], indent=indent))
 
 
 def make_viscot_record(
@@ -293,7 +295,7 @@ def read_det(path: str | Path) -> list[DetRecord]:
 
 def write_det(records: Iterable[DetRecord], path: str | Path) -> None:
     """One ``json.dumps`` line per record (byte-identical to the benchmark_det files)."""
-    _write_atomic(Path(path), "".join(json.dumps(r.raw) + "\n" for r in records))
+    write_text_atomic(path, "".join(json.dumps(r.raw) + "\n" for r in records))
 
 
 def _canonical_path(path: str) -> str:
@@ -392,4 +394,4 @@ def read_pairs(path: str | Path) -> list[PreferenceRecord]:
 
 
 def write_pairs(records: Iterable[PreferenceRecord], path: str | Path, indent: int | None = 2) -> None:
-    _write_atomic(Path(path), json.dumps([r.raw for r in records], indent=indent, ensure_ascii=False))
+    write_text_atomic(path, json.dumps([r.raw for r in records], indent=indent, ensure_ascii=False))

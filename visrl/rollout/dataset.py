@@ -24,7 +24,6 @@ import json
 import logging
 import math
 import os
-import tempfile
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -32,7 +31,13 @@ from typing import Any
 
 from visrl.data.boxes import Box, ParseFailure, crop_tight, iou
 from visrl.data.images import load_rgb, resolve
-from visrl.data.records import PreferenceRecord, VisCoTRecord, make_preference_record, write_pairs
+from visrl.data.records import (
+    PreferenceRecord,
+    VisCoTRecord,
+    make_preference_record,
+    write_pairs,
+    write_text_atomic,
+)
 from visrl.prompts import PromptTemplates
 from visrl.rollout.filter import FilterConfig, FilterDecision, ScoredCandidate, count_reasons, select_pair
 
@@ -77,24 +82,8 @@ def meta_path(path: Path | str) -> Path:
     return path.with_name(path.name + ".meta.json")
 
 
-def _write_atomic(path: Path | str, text: str) -> None:
-    """Write via a fsynced temporary file in the same folder (a crash never leaves half a file)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_json_atomic(path: Path | str, obj: Any) -> None:
-    _write_atomic(path, json.dumps(obj, indent=2))
+    write_text_atomic(path, json.dumps(obj, indent=2))
 
 
 def read_jsonl(path: Path | str, allow_torn_tail: bool) -> tuple[list[str], list[dict], bool]:
@@ -132,7 +121,7 @@ def append_lines(path: Path | str, lines: Sequence[str]) -> None:
 
 def rewrite_lines(path: Path | str, lines: Sequence[str]) -> None:
     """Replace the file's content by ``lines`` atomically."""
-    _write_atomic(path, "".join(line + "\n" for line in lines))
+    write_text_atomic(path, "".join(line + "\n" for line in lines))
 
 
 def read_candidates(path: Path | str) -> list[dict]:
