@@ -160,6 +160,14 @@ def test_iteration_data_is_consistent(tiny_run: Path, k: int) -> None:
 def test_every_trainable_parameter_changes_in_every_stage(tiny_run: Path) -> None:
     base = model_params(base_model_dir(tiny_run))
     sft = model_params(tiny_run / "sft" / "model")
+    model_cfg = yaml.safe_load((tiny_run / "config.yaml").read_text())["model"]
+    if model_cfg.get("freeze_vision"):  # the vision side is frozen by design: it must NOT change
+        from visrl.models.backbone import VISION_MODULES
+
+        prefixes = tuple(f"model.{m}." for m in VISION_MODULES[model_cfg["family"]])
+        frozen = {n for n in sft if n.startswith(prefixes)}
+        assert frozen and all(torch.equal(sft[n], base[n]) for n in frozen), "frozen vision tower changed"
+        sft = {n: v for n, v in sft.items() if n not in frozen}
     assert_all_changed(base, sft, "SFT vs base")
     previous = sft
     for k in ITERS:

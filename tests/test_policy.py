@@ -14,7 +14,7 @@ from visrl.models.backbone import apply_lora
 from visrl.models.encoding import IGNORE_INDEX, EncodedPrompt, make_encoder
 from visrl.models.frozen import AdapterDisabledPolicy
 from visrl.models.logprobs import sequence_logps
-from visrl.models.policy import VLMPolicy
+from visrl.models.policy import VLMPolicy, prompt_images
 from visrl.models.prefix import identities, image_spans, shared_layout, shared_prefix_groups
 from visrl.models.tiny import build_tiny
 from visrl.prompts import Message, user
@@ -144,7 +144,8 @@ def rollout_prompts():
     """A rollout chunk in miniature: step-1 prompts (one image) and step-2 prompts (full view + crop; the
     crops of a question share the question and view), one crop used twice, one odd-sized crop."""
     views = [image(20), image(21)]
-    crops = [image(30 + i, (48, 24) if i == 1 else (64, 64)) for i in range(5)]
+    sizes = {1: (48, 24), 3: (32, 64), 4: (64, 32)}  # 3 and 4: as many tokens, other M-RoPE grids
+    crops = [image(30 + i, sizes.get(i, (64, 64))) for i in range(5)]
     questions = ["Where is the red star?", "What colour is the big square in the corner?"]
     step1 = [[user(f"{q} Box.\n<image>", [v])] for q, v in zip(questions, views)]
     pairs = [(0, crops[0]), (0, crops[1]), (0, crops[0]), (1, crops[2]), (1, crops[3]), (1, crops[4])]
@@ -210,6 +211,22 @@ def test_shared_prefixes_are_prefilled_once():
         assert groups == 2 and n == rows and width + own >= length
         assert own == 1 if copies > 1 else own < length / 2
         assert groups * width + rows * own < rows * length
+
+
+def test_position_ids_per_distinct_layout_equal_hugging_faces_for_every_row():
+    """Rows of one layout share position ids; crops with as many tokens but other grids must not."""
+    policy = VLMPolicy(tiny("qwen2vl"))
+    enc = policy.backbone.encoder
+    _, step2, _ = rollout_prompts()
+    encoded = [enc.encode_prompt(p) for p in step2]
+    ids, mask, types, _ = shared_layout(encoded, [(list(range(len(step2))), 1)], enc.pad_token_id)
+    images = [prompt_images(p) for p in step2]
+    grids = torch.cat([enc.image_features(im)[0]["image_grid_thw"] for ims in images for im in ims])
+    want = policy.backbone.base_model._prepare_position_ids_for_generation(
+        ids, {"attention_mask": mask, "mm_token_type_ids": types, "image_grid_thw": grids}
+    )  # [4, n, L]
+    assert torch.equal(policy._positions(ids, mask, types, images), want)
+    assert not torch.equal(want[:, 4], want[:, 5]) and torch.equal(ids[4], ids[5])  # 32x64 vs 64x32 crop
 
 
 def count_vision_calls(policy: VLMPolicy) -> list[int]:

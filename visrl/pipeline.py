@@ -34,7 +34,7 @@ from omegaconf import DictConfig, OmegaConf
 from visrl.benchmarks.synthetic import paired_bootstrap
 from visrl.data.records import read_viscot
 from visrl.data.sft import RowsDataModule, sft_rows
-from visrl.models.backbone import Backbone, apply_lora, load_backbone
+from visrl.models.backbone import Backbone, apply_lora, freeze_vision, load_backbone
 from visrl.models.frozen import frozen_policy
 from visrl.models.policy import VLMPolicy
 from visrl.training.base_prep import base_rows, cache_key, cached_base, evaluate_base, key_material
@@ -81,7 +81,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 def build_backbone(cfg: DictConfig) -> Backbone:
     """The model of ``conf/model`` (a tiny random init or real pretrained weights)."""
     spec = OmegaConf.to_container(cfg.model, resolve=True)
-    for key in ("lora", "is_tiny"):  # pipeline settings of the backbone, not builder arguments
+    for key in ("lora", "is_tiny", "freeze_vision"):  # pipeline settings of the backbone, not builder arguments
         spec.pop(key, None)
     return instantiate(spec, _convert_="all")
 
@@ -139,6 +139,7 @@ def train_rows(stage_cfg: DictConfig, backbone: Backbone, rows, out: Path, logge
     """One supervised fit (base prep or SFT) of ``rows`` with the stage's optimizer and schedule."""
     from visrl.logging.lightning import RunLoggerAdapter
 
+    trainable_parts(cfg, backbone)
     dm = RowsDataModule(rows, backbone.encoder, int(stage_cfg.batch_size), int(stage_cfg.max_length), int(cfg.seed))
     logger.log_metrics({f"data/{out.name}/dropped_long": float(sum(dm.dropped.values()))})
     module = SFTModule(backbone.model, instantiate(stage_cfg.optimizer), instantiate(stage_cfg.scheduler))
@@ -154,6 +155,7 @@ def rl_iterations(cfg, backbone, data, splits, templates, benchmark, summary, lo
     out = Path(cfg.paths.output_dir)
     if cfg.dpo.lora:
         backbone = apply_lora(backbone, **cfg.model.lora)
+    trainable_parts(cfg, backbone)
     m_org = frozen_policy(backbone, out / "sft" / "model", int(cfg.rollout.batch_size))
     prefs = build_preference_data(cfg, out, splits, data.image_root, templates)
     for k in range(1, int(cfg.iter) + 1):
@@ -197,6 +199,12 @@ def reference_strategy(ref_policy: VLMPolicy, backbone: Backbone):
     if backbone.is_lora and ref_policy.model is not backbone.model:
         return AdapterDisabledReference(backbone.model)
     return FrozenCopyReference(ref_policy.model, copy=ref_policy.model is backbone.model)
+
+
+def trainable_parts(cfg: DictConfig, backbone: Backbone) -> None:
+    """What a stage may train: everything (or the LoRA adapter), minus the vision side if ``model.freeze_vision``."""
+    if cfg.model.get("freeze_vision", False):
+        freeze_vision(backbone)
 
 
 def save_trainable(backbone: Backbone, path: Path) -> None:

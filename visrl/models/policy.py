@@ -19,8 +19,10 @@ Two shortcuts remove the work a rollout chunk would otherwise repeat (``experime
 
 Neither changes the rows of a batch, their order, or the sampling calls (one multinomial over all rows
 per step), so a seed gives the same random stream; outputs equal the plain path's up to float rounding of
-a differently grouped computation (the tests compare both, greedy and seeded sampling, on all families).
-``precompute_vision`` / ``share_prefixes`` switch them off.
+a differently grouped computation (the tests compare both, greedy and seeded sampling, on all families;
+rollout files come out byte-identical). ``precompute_vision`` / ``share_prefixes`` switch them off.
+Generation and scoring run under ``torch.inference_mode`` (no autograd bookkeeping on the many small
+decode-step ops); ``completion_logprobs`` returns an ordinary tensor.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from typing import Any
 import torch
 from PIL import Image
 from torch import Tensor
+from transformers import DynamicCache, StaticCache
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from visrl.models.backbone import Backbone
@@ -176,7 +179,7 @@ class VLMPolicy:
         return {"mm_encoder_outputs": {"image": features}}
 
     # ---- generation ---------------------------------------------------------------------------------------
-    @torch.no_grad()
+    @torch.inference_mode()
     def generate(
         self,
         prompts: Sequence[Prompt],
@@ -279,14 +282,17 @@ class VLMPolicy:
             logits_to_keep=1,
             **self._mm_outputs([im for i in firsts for im in images[i][: n_prefix[i]]]),
         )
-        cache = prefix.past_key_values  # per layer [G, heads, width, head_dim]
         group_of = [g for g, (members, _) in enumerate(groups) for _ in members]
-        cache.batch_select_indices(torch.tensor(group_of, device=dev).repeat_interleave(copies))
+        row_group = torch.tensor(group_of, device=dev).repeat_interleave(copies)
+        cache = self._static_cache(
+            prefix.past_key_values, row_group, ids.shape[1] + options["max_new_tokens"]
+        )
         rows: dict[str, Any] = dict(
             input_ids=ids.repeat_interleave(copies, 0),  # [n * copies, L]
             attention_mask=mask.repeat_interleave(copies, 0),
             position_ids=positions.repeat_interleave(copies, dim),
-            past_key_values=cache,  # per layer [n * copies, heads, width, head_dim]
+            past_key_values=cache,  # per layer [n * copies, heads, L + new, head_dim], width filled
+            disable_compile=True,  # a static cache would make Hugging Face compile the forward on GPUs
         )
         if enc.uses_token_types:
             rows["mm_token_type_ids"] = types.repeat_interleave(copies, 0)
@@ -294,22 +300,49 @@ class VLMPolicy:
         seqs = self.model.generate(**rows, **self._mm_outputs(suffix), num_return_sequences=1, **options)
         return seqs[:, ids.shape[1] :]
 
+    def _static_cache(self, prefix: DynamicCache, rows: Tensor, length: int) -> StaticCache:
+        """The prefix cache copied to every row (``rows`` = its group per row) into a preallocated cache of
+        ``length`` positions: decoding then writes each token in place instead of copying the whole cache
+        per step (Hugging Face's dynamic cache concatenates). Masked free slots add exact zeros."""
+        cache = StaticCache(config=self.backbone.base_model.config, max_cache_len=length)
+        for old, new in zip(prefix.layers, cache.layers):
+            keys, values = old.keys.index_select(0, rows), old.values.index_select(0, rows)  # [N, h, P, d]
+            new.lazy_initialization(keys, values)
+            new.keys[:, :, : keys.shape[2]] = keys
+            new.values[:, :, : values.shape[2]] = values
+            new.cumulative_length.fill_(keys.shape[2])
+        return cache
+
     def _positions(
         self, ids: Tensor, mask: Tensor, types: Tensor | None, images: list[list[Image.Image]]
     ) -> Tensor:
         """Hugging Face's own generation position ids of these rows: [n, L], or [4, n, L] for M-RoPE
-        models (which need ``types`` = mm_token_type_ids and the images' grids)."""
-        kwargs: dict[str, Tensor] = {"attention_mask": mask}
+        models (which need ``types`` = mm_token_type_ids and the images' grids). Computed once per
+        distinct row layout (a question's K step-2 rows differ only in pixels) and copied to the rest."""
+        enc = self.backbone.encoder
+        grids = [[enc.image_features(im)[0]["image_grid_thw"] for im in ims] if types is not None else []
+                 for ims in images]  # fmt: skip
+        parts = [ids, mask] if types is None else [ids, mask, types]
+        layout = torch.cat(parts, dim=1).cpu().numpy()  # [n, 2L or 3L]
+        keys = [
+            (layout[i].tobytes(), tuple(tuple(g.flatten().tolist()) for g in grids[i]))
+            for i in range(len(grids))
+        ]
+        first = {key: i for i, key in reversed(list(enumerate(keys)))}  # layout -> its first row
+        rows = sorted(set(first.values()))
+        kwargs: dict[str, Tensor] = {"attention_mask": mask[rows]}
         if types is not None:
-            kwargs["mm_token_type_ids"] = types
-            enc = self.backbone.encoder
-            grids = [enc.image_features(im)[0]["image_grid_thw"] for ims in images for im in ims]
-            if grids:
-                kwargs["image_grid_thw"] = torch.cat(grids).to(self.device)  # [n_images, 3]
-        return self.backbone.base_model._prepare_position_ids_for_generation(ids, kwargs)
+            kwargs["mm_token_type_ids"] = types[rows]
+            if any(grids[i] for i in rows):
+                kwargs["image_grid_thw"] = torch.cat([g for i in rows for g in grids[i]]).to(
+                    self.device
+                )  # [n_img, 3]
+        unique = self.backbone.base_model._prepare_position_ids_for_generation(ids[rows], kwargs)
+        slot = {row: u for u, row in enumerate(rows)}
+        index = torch.tensor([slot[first[key]] for key in keys], device=unique.device)
+        return unique.index_select(unique.ndim - 2, index)  # back to one per row
 
     # ---- scoring ------------------------------------------------------------------------------------------
-    @torch.no_grad()
     def completion_logprobs(
         self, prompts: Sequence[Prompt], completions: Sequence[str], reduction: str = "sum"
     ) -> Tensor:
@@ -322,7 +355,7 @@ class VLMPolicy:
             raise ValueError(f"completion_logprobs: reduction must be 'sum' or 'mean', got {reduction!r}")
         enc = self.backbone.encoder
         results: list[Tensor] = []
-        with eval_mode(self.model), self.vision_cache():
+        with torch.inference_mode(), eval_mode(self.model), self.vision_cache():
             for start in range(0, len(prompts), self.batch_size):
                 chunk = prompts[start : start + self.batch_size]
                 encoded = [enc.encode_prompt(p) for p in chunk]
@@ -334,4 +367,5 @@ class VLMPolicy:
                     batch = enc.collate(encoded, ids, padding_side="right")
                 sums, counts = sequence_logps(self.model, self._to_device(batch))
                 results.append((sums / counts.clamp(min=1) if reduction == "mean" else sums).float().cpu())
-        return torch.cat(results) if results else torch.zeros(0)
+            out = torch.cat(results) if results else torch.zeros(0)
+        return out.clone()  # a normal tensor (made outside inference mode), safe to use anywhere

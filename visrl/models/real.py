@@ -133,6 +133,7 @@ def load_pretrained(
     image_size: int | None = None,
     name: str | None = None,
     is_tiny: bool = False,
+    freeze_vision: bool = True,  # recorded for the pipeline, which freezes the vision side per stage
 ) -> Backbone:
     """Load a real backbone from local weights.
 

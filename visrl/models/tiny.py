@@ -300,6 +300,7 @@ def build_tiny(
     name: str | None = None,
     lora: dict[str, Any] | None = None,
     is_tiny: bool = True,
+    freeze_vision: bool = False,  # pipeline setting; applied per stage by the pipeline, here on request
 ) -> Backbone:
     """Build a randomly initialised tiny backbone of ``family`` ("llava", "qwen2vl", "qwen25vl").
 
@@ -334,7 +335,7 @@ def build_tiny(
     spec = dict(
         sizes, family=family, abs_pos_embed=abs_pos_embed, seed=seed, dtype=dtype, vocab_size=vocab_size
     )
-    return Backbone(
+    backbone = Backbone(
         name=name or f"tiny_{family}",
         model=model,
         encoder=make_encoder(family, processor),
@@ -344,6 +345,11 @@ def build_tiny(
         spec={"builder": "tiny", **spec},
         lora=dict(lora) if lora else None,
     )
+    if freeze_vision:
+        from visrl.models.backbone import freeze_vision as _freeze
+
+        _freeze(backbone)
+    return backbone
 
 
 def _init_model(

@@ -42,6 +42,9 @@ class BaseSkills:
     colour: int = 1
     read: int = 1
     single_object: float = 0.0  # share of scenes with one object: "where" is learnable before "which"
+    point: int = 0  # rows per scene of pointing at a lone object of constant look (see base_rows)
+    point_prompt: str = "Where is the object?\n<image>"
+    point_look: tuple[str, str] = ("red", "square")  # colour, shape of the pointing object
     locate_prompt: str = "Where is the {shape}?\n<image>"
     colour_prompt: str = "What colour is the object in {box}?\n<image>"
     seed: int = 1234
@@ -57,10 +60,18 @@ def base_rows(world: WorldConfig, skills: BaseSkills, backbone, templates: Promp
         rows.append(Row(enc.encode_prompt(prompt), (enc.encode_completion(completion),), step, f"base:{i}"))
 
     single = dataclasses.replace(world, n_objects=1)
+    marker = dataclasses.replace(world, n_objects=1, colours=(skills.point_look[0],), shapes=(skills.point_look[1],),
+                                 distinct_shapes=False, distinct_patterns=False)
     for i in range(skills.n_scenes):
         scene = sample_scene(rng, single if rng.random() < skills.single_object else world)
         image = render_scene(scene, world, seed=rng.randrange(2**31))
         full = to_view(image, size)
+        for _ in range(skills.point):
+            # a lone object that always looks the same: its key is constant, so learning to read the attended
+            # token's position has a first-order gradient (the 2-hop "which + where" circuit does not)
+            lone = sample_scene(rng, marker)
+            view = to_view(render_scene(lone, world, seed=rng.randrange(2**31)), size)
+            add([user(skills.point_prompt, [view])], box_text(lone, lone.objects[0], fmt), "point", i)
         for _ in range(skills.locate):
             obj = rng.choice(scene.objects)
             add([user(skills.locate_prompt, [full], shape=obj.shape, colour=obj.colour)], box_text(scene, obj, fmt), "locate", i)
