@@ -108,10 +108,10 @@ def prepare_base(cfg: DictConfig, backbone: Backbone, templates, logger) -> Back
     log.info("base model: preparing %s (cached afterwards)", root / key)
     rows = base_rows(world, skills, backbone, templates)
     train_rows(cfg.base, backbone, rows, root / key, logger, cfg)
-    skills_metrics = evaluate_base(VLMPolicy(backbone, batch_size=64), world, skills, templates)
-    logger.log_metrics(skills_metrics)  # e.g. base/locate, base/read: what the base model can do
-    (root / key / "skills.json").write_text(json.dumps(skills_metrics, indent=2))
     if is_rank_zero():
+        skills_metrics = evaluate_base(VLMPolicy(backbone, batch_size=64), world, skills, templates)
+        logger.log_metrics(skills_metrics)  # e.g. base/locate, base/read: what the base model can do
+        (root / key / "skills.json").write_text(json.dumps(skills_metrics, indent=2))
         backbone.save(root / key / "model")
         (root / key / "key.json").write_text(json.dumps(material, indent=2, default=str))
         (root / key / "DONE").touch()

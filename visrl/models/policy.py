@@ -15,7 +15,9 @@ Two shortcuts remove the work a rollout chunk would otherwise repeat (``experime
 * **Shared prefixes prefilled once** (:mod:`visrl.models.prefix`). The K samples of a step-1 prompt, and
   the K step-2 prompts of a question up to their crop, share a prefix: it is prefilled once, its KV cache
   is copied to each row, and ``generate`` continues from that cache (Hugging Face would prefill K copies).
-  Position ids are Hugging Face's own for the padded layout, so every row sees its unpadded sequence.
+  Position ids are Hugging Face's own for the padded layout, so every row sees its unpadded sequence. The
+  copied cache is preallocated for the whole generation (a ``StaticCache``): each new token is written in
+  place, where the default dynamic cache copies every row's whole cache at every step.
 
 Neither changes the rows of a batch, their order, or the sampling calls (one multinomial over all rows
 per step), so a seed gives the same random stream; outputs equal the plain path's up to float rounding of
@@ -37,7 +39,7 @@ from typing import Any
 import torch
 from PIL import Image
 from torch import Tensor
-from transformers import DynamicCache, StaticCache
+from transformers import Cache, DynamicCache, StaticCache
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from visrl.models.backbone import Backbone
@@ -300,11 +302,15 @@ class VLMPolicy:
         seqs = self.model.generate(**rows, **self._mm_outputs(suffix), num_return_sequences=1, **options)
         return seqs[:, ids.shape[1] :]
 
-    def _static_cache(self, prefix: DynamicCache, rows: Tensor, length: int) -> StaticCache:
+    def _static_cache(self, prefix: DynamicCache, rows: Tensor, length: int) -> Cache:
         """The prefix cache copied to every row (``rows`` = its group per row) into a preallocated cache of
         ``length`` positions: decoding then writes each token in place instead of copying the whole cache
-        per step (Hugging Face's dynamic cache concatenates). Masked free slots add exact zeros."""
+        per step (Hugging Face's dynamic cache concatenates). Masked free slots add exact zeros. Models
+        with sliding-window layers keep the dynamic cache."""
         cache = StaticCache(config=self.backbone.base_model.config, max_cache_len=length)
+        if len(cache.layers) != len(prefix.layers) or any(layer.is_sliding for layer in cache.layers):
+            prefix.batch_select_indices(rows)
+            return prefix
         for old, new in zip(prefix.layers, cache.layers):
             keys, values = old.keys.index_select(0, rows), old.values.index_select(0, rows)  # [N, h, P, d]
             new.lazy_initialization(keys, values)
