@@ -60,7 +60,7 @@ class SyntheticBenchmark:
     version = "synthetic-1.0"
 
     def __init__(self, split_path: str | Path, image_root: str | Path | None = None, limit: int | None = None,
-                 modes: Sequence[str] = MODES, max_new_tokens: int = 24, batch_size: int = 64):
+                 modes: Sequence[str] = MODES, max_new_tokens: int = 24):
         bad = [m for m in modes if m not in MODES]
         if bad:
             raise ValueError(f"benchmark.modes: unknown {bad}; valid: {list(MODES)}")

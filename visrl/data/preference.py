@@ -80,7 +80,6 @@ __all__ = [
     "attach_reference_logps",
     "collate_pairs",
     "iteration_questions",
-    "pair_length",
     "preference_rows",
     "reference_values",
 ]
@@ -129,15 +128,6 @@ def preference_rows(
             completions = (enc.encode_completion(pair.chosen), enc.encode_completion(pair.rejected))
             rows.append(Row(prompt, completions, "answer", uid, rejected_prompt=rejected_prompt))
     return rows
-
-
-def pair_length(row: Row) -> int:
-    """Tokens of the longer of the two sequences (chosen, rejected), each with its own prompt."""
-    rejected_prompt = row.rejected_prompt if row.rejected_prompt is not None else row.prompt
-    return max(
-        len(row.prompt.input_ids) + len(row.completions[0]),
-        len(rejected_prompt.input_ids) + len(row.completions[1]),
-    )
 
 
 def collate_pairs(rows: Sequence[Row], encoder: Any) -> dict[str, Any]:
@@ -376,8 +366,8 @@ class PreferenceDataModule(pl.LightningDataModule):
         rows = preference_rows(
             pairs, self.image_root, backbone, self.templates, STEPS, self.rejected_own_crop
         )
-        self.rows = [r for r in rows if pair_length(r) <= self.max_length]
-        self.dropped = {s: sum(r.step == s and pair_length(r) > self.max_length for r in rows) for s in STEPS}
+        self.rows = [r for r in rows if r.length <= self.max_length]
+        self.dropped = {s: sum(r.step == s and r.length > self.max_length for r in rows) for s in STEPS}
         if any(self.dropped.values()):
             log.warning("%s: dropped rows longer than %d tokens: %s", iter_dir, self.max_length, self.dropped)
         self.encoder, self.current_dir = backbone.encoder, iter_dir

@@ -35,7 +35,11 @@ class Row:
 
     @property
     def length(self) -> int:
-        return len(self.prompt.input_ids) + max(len(c) for c in self.completions)
+        """Tokens of the longest sequence the row becomes (each completion with its own prompt)."""
+        prompts = [self.prompt] * len(self.completions)
+        if self.rejected_prompt is not None:
+            prompts[1] = self.rejected_prompt
+        return max(len(p.input_ids) + len(c) for p, c in zip(prompts, self.completions))
 
 
 class RowDataset(Dataset):

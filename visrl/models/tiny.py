@@ -162,11 +162,9 @@ def build_processor(
     return qwen_processor_class(family)(image_processor, tokenizer, chat_template=tokenizer.chat_template)
 
 
-def _qwen_config(family: str, tok, s: dict[str, int]) -> Qwen2VLConfig | Qwen2_5_VLConfig:
-    ids = {
-        name: tok.convert_tokens_to_ids(t) for name, t in (("image", QWEN_IMAGE_TOKEN), ("vs", VISION_START))
-    }
-    text = dict(
+def _text_sizes(tok, s: dict[str, int]) -> dict[str, int]:
+    """Language-model sizes shared by every tiny family."""
+    return dict(
         vocab_size=len(tok),
         hidden_size=s["text_hidden"],
         intermediate_size=s["intermediate"],
@@ -174,6 +172,15 @@ def _qwen_config(family: str, tok, s: dict[str, int]) -> Qwen2VLConfig | Qwen2_5
         num_attention_heads=s["heads"],
         num_key_value_heads=s["kv_heads"],
         max_position_embeddings=4096,
+    )
+
+
+def _qwen_config(family: str, tok, s: dict[str, int]) -> Qwen2VLConfig | Qwen2_5_VLConfig:
+    ids = {
+        name: tok.convert_tokens_to_ids(t) for name, t in (("image", QWEN_IMAGE_TOKEN), ("vs", VISION_START))
+    }
+    text = dict(
+        **_text_sizes(tok, s),
         rope_parameters={
             "rope_type": "default",
             "rope_theta": 10000.0,
@@ -225,13 +232,7 @@ def _llava_config(tok, s: dict[str, int]) -> LlavaConfig:
         patch_size=s["patch_size"],
     )
     text = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=s["text_hidden"],
-        intermediate_size=s["intermediate"],
-        num_hidden_layers=s["text_layers"],
-        num_attention_heads=s["heads"],
-        num_key_value_heads=s["kv_heads"],
-        max_position_embeddings=4096,
+        **_text_sizes(tok, s),
         bos_token_id=tok.eos_token_id,
         eos_token_id=tok.eos_token_id,
         pad_token_id=tok.pad_token_id,
