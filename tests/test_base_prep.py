@@ -128,7 +128,13 @@ class _Key(Exception):
     """Raised by the patched ``cached_base`` to hand back the key ``prepare_base`` derived."""
 
 
-def pipeline_key(cfg: DictConfig, monkeypatch: pytest.MonkeyPatch) -> str:
+def vocab_only(vocab: dict[str, int]) -> SimpleNamespace:
+    """What ``prepare_base`` reads of a backbone before its cache lookup: the tokenizer's vocabulary."""
+    return SimpleNamespace(encoder=SimpleNamespace(processor=SimpleNamespace(tokenizer=SimpleNamespace(
+        get_vocab=lambda: dict(vocab)))))
+
+
+def pipeline_key(cfg: DictConfig, monkeypatch: pytest.MonkeyPatch, vocab: dict[str, int] | None = None) -> str:
     """The cache key the real ``prepare_base`` derives from ``cfg`` (stopped before any training)."""
 
     def capture(root: Path, key: str) -> None:
@@ -136,12 +142,12 @@ def pipeline_key(cfg: DictConfig, monkeypatch: pytest.MonkeyPatch) -> str:
 
     monkeypatch.setattr(pipeline, "cached_base", capture)
     with pytest.raises(_Key) as caught:
-        pipeline.prepare_base(cfg, None, instantiate(cfg.prompt), None)
+        pipeline.prepare_base(cfg, vocab_only(vocab or {"a": 0, "b": 1}), instantiate(cfg.prompt), None)
     return str(caught.value)
 
 
 KEY_VARIANTS = {
-    "model size": ["model.text_hidden=64"],
+    "model size": ["model.text_hidden=96"],
     "model box format": ["model.box_format.grid=8"],
     "model seed": ["seed=1"],
     "world": ["data.world.n_objects=2"],
@@ -161,6 +167,12 @@ def test_cache_key_changes_with_each_ingredient_and_is_stable_otherwise(
     assert len(set(keys.values())) == len(keys)
     assert pipeline_key(compose_cfg(), monkeypatch) == base  # a fresh composition
     assert pipeline_key(compose_cfg("data.sizes.test=7", "iter=1"), monkeypatch) == base  # not ingredients
+
+
+def test_cache_key_changes_with_the_tokenizer_vocabulary(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The tiny tokenizer is trained in code: a changed corpus must not reuse a base model of the old one."""
+    cfg = compose_cfg()
+    assert pipeline_key(cfg, monkeypatch, {"a": 0, "b": 1}) != pipeline_key(cfg, monkeypatch, {"a": 0, "bc": 1})
 
 
 @pytest.mark.parametrize("override", ["prompt=visrl", "trainer.accumulate_grad_batches=4"])
@@ -241,7 +253,7 @@ def test_prepare_base_trains_once_then_reuses_the_cache(counted: list[Path], tmp
         assert entry.parent == tmp_path / "cache" / "base" and (entry / "DONE").exists()
         assert json.loads((entry / "key.json").read_text())["skills"]["n_scenes"] == cfg.base.skills.n_scenes
         skills = json.loads((entry / "skills.json").read_text())
-        assert set(skills) == {"base/locate", "base/colour", "base/read"}
+        assert set(skills) == {"base/point", "base/locate", "base/colour", "base/read"}
         assert all(0.0 <= v <= 1.0 for v in skills.values())
 
         # cache hit: a new random backbone comes back as the cached model, with no fit
@@ -296,13 +308,13 @@ class ColourOracle:
 def test_evaluate_base_scores_each_skill_against_its_gold() -> None:
     oracle = ColourOracle()
     scores = evaluate_base(oracle, WorldConfig(), SKILLS, TEMPLATES, n=12, seed=3)
-    assert scores == {"base/locate": 0.0, "base/colour": 1.0, "base/read": 0.0}
-    assert oracle.calls == [12, 12, 12]
+    assert scores == {"base/point": 0.0, "base/locate": 0.0, "base/colour": 1.0, "base/read": 0.0}
+    assert oracle.calls == [12, 12, 12, 12]
 
 
-def test_evaluate_base_on_a_tiny_policy_returns_three_accuracies() -> None:
+def test_evaluate_base_on_a_tiny_policy_returns_four_accuracies() -> None:
     from visrl.models.policy import VLMPolicy
 
     scores = evaluate_base(VLMPolicy(tiny(), batch_size=8), WorldConfig(), SKILLS, TEMPLATES, n=4)
-    assert set(scores) == {"base/locate", "base/colour", "base/read"}
+    assert set(scores) == {"base/point", "base/locate", "base/colour", "base/read"}
     assert all(0.0 <= v <= 1.0 and (v * 4).is_integer() for v in scores.values())

@@ -79,6 +79,13 @@ def test_tokenizer_is_deterministic_fast_and_splits_digits():
     assert a.pad_token == a.eos_token == "<|endoftext|>"
 
 
+@pytest.mark.parametrize("word", ["horizontal", "vertical", "diagonal", "checkered", "red", "cyan", "triangle"])
+def test_answer_words_are_single_tokens(word):
+    # as in a real vocabulary; multi-token answers sharing pieces were spliced by answer-step DPO
+    # ("vertical" -> "vertickertickered", docs/toy-scale-status.md)
+    assert build_tiny_tokenizer().tokenize(word) == [word]
+
+
 def test_chat_template_renders_images_per_family_and_masks_assistant_turns():
     messages = [
         {"role": "user", "content": [{"type": "text", "text": "Q "}, {"type": "image"}]},
@@ -248,6 +255,19 @@ def test_save_load_round_trip_reproduces_logprobs(family, tmp_path):
     with torch.no_grad():
         got, _ = sequence_logps(loaded.model, batch_of(loaded))
     assert torch.equal(got, expected)
+
+
+def test_position_grid_settings_are_built_and_survive_save_load(tmp_path):
+    bb = tiny("qwen2vl", abs_pos_grid=4, abs_pos_std=0.15)
+    weight = bb.model.model.visual.abs_pos_embed.weight  # [D, 4, 4]
+    assert weight.shape[1:] == (4, 4) and 0.1 < weight.std().item() < 0.2
+    with torch.no_grad():
+        expected, _ = sequence_logps(bb.model, batch_of(bb))
+    bb.save(tmp_path / "bb")
+    loaded = load_backbone(tmp_path / "bb")
+    assert loaded.model.model.visual.abs_pos_embed.weight.shape[1:] == (4, 4)
+    with torch.no_grad():
+        assert torch.equal(sequence_logps(loaded.model, batch_of(loaded))[0], expected)
 
 
 def test_bfloat16_build_round_trips_exactly(tmp_path):

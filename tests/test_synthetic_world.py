@@ -35,6 +35,7 @@ from visrl.data.synthetic import (
     SyntheticDataset,
     WorldConfig,
     global_view,
+    iter_questions,
     render_scene,
     sample_scene,
     texture,
@@ -126,9 +127,28 @@ def test_patterns_and_shapes_may_repeat_when_not_distinct() -> None:
     assert len({o.colour for o in scene.objects}) == len({o.cell for o in scene.objects}) == 6
 
 
+def test_target_colours_give_one_referent_among_other_colours() -> None:
+    world = WorldConfig(colours=["red", "green", "blue", "yellow", "cyan"], target_colours=["red"])  # Hydra lists
+    assert world.colours == ("red", "green", "blue", "yellow", "cyan") and world.target_colours == ("red",)
+    rng = random.Random(2)
+    distractors = set()
+    for q in iter_questions(rng, world, 200):
+        assert q.target.colour == "red" and q.question == "What pattern is on the red object?"
+        assert [o.colour for o in q.scene.objects].count("red") == 1
+        distractors |= {o.colour for o in q.scene.objects} - {"red"}
+    assert distractors == {"green", "blue", "yellow", "cyan"}
+
+
+def test_without_target_colours_any_object_is_asked_about() -> None:
+    colours = {q.target.colour for q in iter_questions(random.Random(0), WorldConfig(), 200)}
+    assert colours == set(WorldConfig().colours)
+
+
 @pytest.mark.parametrize(
     ("kwargs", "field"),
     [
+        ({"target_colours": ("red", "mauve")}, "target_colours"),
+        ({"colours": ("red", "green", "blue"), "target_colours": ("red", "green")}, "target_colours"),
         ({"scene_size": 250}, "scene_size"),
         ({"n_objects": 9, "distinct_patterns": False, "distinct_shapes": False}, "n_objects"),
         ({"grid": 2, "n_objects": 5, "distinct_patterns": False, "distinct_shapes": False}, "n_objects"),

@@ -96,6 +96,7 @@ def prepare_base(cfg: DictConfig, backbone: Backbone, templates, logger) -> Back
         **OmegaConf.to_container(cfg.base, resolve=True),
         "templates": dataclasses.asdict(templates),
         "trainer": trainer_kwargs(cfg),
+        "vocab": cache_key(backbone.encoder.processor.tokenizer.get_vocab()),  # the tokenizer is built in code
     }
     material = key_material(OmegaConf.to_container(cfg.model, resolve=True), world, skills, schedule)
     root = Path(cfg.paths.cache_dir) / "base"
@@ -250,7 +251,7 @@ def fit_dpo_stage(cfg, stage, backbone, prefs, out: Path, logger, reference=None
             backbone.model, optimizer=instantiate(cfg.dpo.optimizer, lr=float(stage.lr)),
             scheduler=instantiate(cfg.dpo.scheduler), weights=weights, loss=cfg.objective.loss,
             beta=float(cfg.objective.beta), label_smoothing=float(cfg.objective.label_smoothing),
-            ftx=float(cfg.objective.ftx), reference=reference,
+            ftx=float(cfg.dpo.ftx), reference=reference,
         )
         fit(module, prefs, out, int(stage.epochs), trainer_kwargs(cfg), RunLoggerAdapter(logger, name=out.name))
     if is_rank_zero():

@@ -7,6 +7,9 @@ view is the scene box-filtered down to ``view_size`` px: at the default 4x reduc
 to exactly the same grey (4-px-aligned patches, 2-px stripes), so the answer is *provably* absent from the
 full image; a crop of the right cell, shown at ``view_size`` px, shows the stripes at 1:1. Questions name an
 object by colour ("What pattern is on the red object?"), so answering needs the model to find the object first.
+``target_colours`` restricts the referent to a few colours (the default asks for the red object, with
+distractors of the other colours): a tiny model learns to find a constant key but, in the CPU budget, not to
+match a varying one (docs/toy-scale-status.md).
 
 Splits are written in the Visual-CoT record format (``visrl.data.records``): PNG images on disk plus one JSON
 list per split, so the same loaders serve real and synthetic data. ``sft`` is the small box-annotated set,
@@ -58,8 +61,13 @@ class WorldConfig:
     distinct_shapes: bool = True  # "the circle" names one object (base-model grounding by shape)
     background: int = 200
     question: str = "What pattern is on the {colour} object?"
+    # colours a question may ask about; () = any. With e.g. ("red",) every scene holds exactly one red object
+    # (the referent) among distractors of other colours: finding it is a one-hop lookup of a constant key.
+    target_colours: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
+        for name in ("colours", "shapes", "patterns", "target_colours"):  # Hydra passes lists (ListConfig)
+            object.__setattr__(self, name, tuple(getattr(self, name)))
         cell = self.scene_size // self.grid
         if self.scene_size % (4 * self.grid):
             raise ValueError(f"data.world.scene_size={self.scene_size} must be a multiple of 4*grid")
@@ -69,6 +77,11 @@ class WorldConfig:
             raise ValueError("data.world.distinct_patterns needs n_objects <= number of patterns")
         if self.distinct_shapes and self.n_objects > len(self.shapes):
             raise ValueError("data.world.distinct_shapes needs n_objects <= number of shapes")
+        unknown = sorted(set(self.target_colours) - set(self.colours))
+        if unknown:
+            raise ValueError(f"data.world.target_colours: {unknown} are not among data.world.colours")
+        if self.target_colours and self.n_objects - 1 > len(set(self.colours) - set(self.target_colours)):
+            raise ValueError("data.world.target_colours leaves fewer distractor colours than n_objects - 1")
         if int(cell * self.patch_frac) < 8:
             raise ValueError(f"data.world.patch_frac={self.patch_frac} gives a texture under 8 px")
 
@@ -99,7 +112,11 @@ def sample_scene(rng: random.Random, cfg: WorldConfig) -> Scene:
     cell = cfg.scene_size // cfg.grid
     side = int(round(cell * cfg.object_frac))
     cells = rng.sample([(c, r) for r in range(cfg.grid) for c in range(cfg.grid)], cfg.n_objects)
-    colours = rng.sample(list(cfg.colours), cfg.n_objects)
+    if cfg.target_colours:  # one referent colour, distractors from the rest
+        others = [c for c in cfg.colours if c not in cfg.target_colours]
+        colours = [rng.choice(list(cfg.target_colours))] + rng.sample(others, cfg.n_objects - 1)
+    else:
+        colours = rng.sample(list(cfg.colours), cfg.n_objects)
     if cfg.distinct_patterns:
         patterns = rng.sample(list(cfg.patterns), cfg.n_objects)
     else:
@@ -181,7 +198,8 @@ class Question:
 
 
 def make_question(scene: Scene, rng: random.Random, cfg: WorldConfig) -> Question:
-    target = rng.choice(scene.objects)
+    candidates = [o for o in scene.objects if o.colour in cfg.target_colours] or scene.objects
+    target = rng.choice(candidates)
     return Question(scene, target, cfg.question.format(colour=target.colour), target.pattern)
 
 

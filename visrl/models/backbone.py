@@ -189,7 +189,7 @@ def load_backbone(path: str | Path, dtype: str | None = None) -> Backbone:
         path / "model", dtype=torch_dtype, local_files_only=True
     )
     if meta["abs_pos_embed"]:
-        attach_abs_pos_embed(model)
+        attach_abs_pos_embed(model, meta["spec"].get("abs_pos_grid", 8))
         state = load_file(str(path / "model" / ABS_POS_FILE))
         model.model.visual.abs_pos_embed.load_state_dict({k: v.to(torch_dtype) for k, v in state.items()})
     if meta["adapter"]:

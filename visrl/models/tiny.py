@@ -63,11 +63,11 @@ ABS_POS_ATTR = "abs_pos_embed"
 class MergedGridPositionEmbedding(nn.Module):
     """Learned 2-D absolute positions for merged vision tokens, resized to any merged grid."""
 
-    def __init__(self, dim: int, merge_size: int, base_grid: int = 8) -> None:
+    def __init__(self, dim: int, merge_size: int, base_grid: int = 8, init_std: float = 0.02) -> None:
         super().__init__()
         self.merge_size = merge_size
         self.base_grid = base_grid
-        self.weight = nn.Parameter(torch.randn(dim, base_grid, base_grid) * 0.02)  # [D, g, g]
+        self.weight = nn.Parameter(torch.randn(dim, base_grid, base_grid) * init_std)  # [D, g, g]
 
     def forward(self, grid_thw: torch.Tensor) -> torch.Tensor:
         """``grid_thw`` [N, 3] (patch grid per image) -> [sum_i t_i*h_i*w_i / merge², D], row-major."""
@@ -91,7 +91,7 @@ def _add_abs_pos(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> A
     return output
 
 
-def attach_abs_pos_embed(model: PreTrainedModel, base_grid: int = 8) -> None:
+def attach_abs_pos_embed(model: PreTrainedModel, base_grid: int = 8, init_std: float = 0.02) -> None:
     """Register the merged-grid position embedding on ``model.model.visual`` (idempotent)."""
     visual = model.model.visual
     if hasattr(visual, ABS_POS_ATTR):
@@ -99,7 +99,7 @@ def attach_abs_pos_embed(model: PreTrainedModel, base_grid: int = 8) -> None:
     dim = model.config.text_config.hidden_size
     merge = model.config.vision_config.spatial_merge_size
     param = next(visual.parameters())
-    module = MergedGridPositionEmbedding(dim, merge, base_grid).to(device=param.device, dtype=param.dtype)
+    module = MergedGridPositionEmbedding(dim, merge, base_grid, init_std).to(device=param.device, dtype=param.dtype)
     visual.add_module(ABS_POS_ATTR, module)
     visual.register_forward_hook(_add_abs_pos, with_kwargs=True)
 
@@ -294,6 +294,8 @@ def build_tiny(
     merge_size: int = 2,
     image_size: int = 64,
     abs_pos_embed: bool | None = None,
+    abs_pos_grid: int = 8,
+    abs_pos_std: float = 0.02,
     box_format: Any = None,
     seed: int = 0,
     dtype: str = "float32",
@@ -307,7 +309,8 @@ def build_tiny(
 
     Deterministic in ``seed`` (the global RNG is left untouched). With image_size 64, patch 8, merge 2 a
     Qwen image is 16 tokens; a LLaVA image is (image_size/patch_size)² tokens (CLS dropped).
-    ``abs_pos_embed`` defaults to True for the Qwen families and must be False for LLaVA. ``lora``
+    ``abs_pos_embed`` defaults to True for the Qwen families and must be False for LLaVA; its learned grid is
+    ``abs_pos_grid`` square (resized to the merged grid of each image) with init std ``abs_pos_std``. ``lora``
     (apply_lora settings: r, alpha, dropout, target_regex) is recorded as ``backbone.lora`` for the
     pipeline's later :func:`apply_lora` call, not applied here; ``is_tiny`` is the config marker the
     pipeline reads and must be True here (so ``conf/model/*.yaml`` instantiates as is).
@@ -332,9 +335,11 @@ def build_tiny(
     image_token = LLAVA_IMAGE_TOKEN if family == "llava" else QWEN_IMAGE_TOKEN
     tok = build_tiny_tokenizer(vocab_size=vocab_size, image_token=image_token)
     processor = build_processor(family, tok, image_size, patch_size, merge_size)
-    model = _init_model(family, tok, sizes, abs_pos_embed, seed, dtype)
+    pos = {"abs_pos_grid": abs_pos_grid, "abs_pos_std": abs_pos_std} if abs_pos_embed else None
+    model = _init_model(family, tok, sizes, pos, seed, dtype)
     spec = dict(
-        sizes, family=family, abs_pos_embed=abs_pos_embed, seed=seed, dtype=dtype, vocab_size=vocab_size
+        sizes, family=family, abs_pos_embed=abs_pos_embed, seed=seed, dtype=dtype, vocab_size=vocab_size,
+        **(pos or {}),
     )
     backbone = Backbone(
         name=name or f"tiny_{family}",
@@ -354,7 +359,7 @@ def build_tiny(
 
 
 def _init_model(
-    family: str, tok, sizes: dict[str, int], abs_pos_embed: bool, seed: int, dtype: str
+    family: str, tok, sizes: dict[str, int], pos: dict[str, Any] | None, seed: int, dtype: str
 ) -> PreTrainedModel:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -364,8 +369,8 @@ def _init_model(
             model = Qwen2VLForConditionalGeneration(_qwen_config(family, tok, sizes))
         else:
             model = Qwen2_5_VLForConditionalGeneration(_qwen_config(family, tok, sizes))
-        if abs_pos_embed:
-            attach_abs_pos_embed(model)
+        if pos is not None:
+            attach_abs_pos_embed(model, pos["abs_pos_grid"], pos["abs_pos_std"])
     model.generation_config.pad_token_id = tok.pad_token_id
     return cast_weights(model, getattr(torch, dtype))
 

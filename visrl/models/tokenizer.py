@@ -37,6 +37,7 @@ QWEN_IMAGE_PLACEHOLDER = VISION_START + QWEN_IMAGE_TOKEN + VISION_END
 
 _COLOURS = "red green blue yellow purple orange cyan white black grey gray pink brown magenta"
 _SHAPES = "circle square triangle diamond star cross plus ring bar dot symbol object shape rectangle heart"
+_PATTERNS = "horizontal vertical diagonal checkered striped dotted plain"
 _WORDS = (
     "what which where is the of colour color shape left right top bottom above below next to near inside "
     "outside small large big tiny answer question image region box crop sub-image bounding coordinate "
@@ -61,9 +62,12 @@ def _builtin_corpus() -> list[str]:
     """The fixed training text; its order is part of the tokenizer's identity (determinism)."""
     lines: list[str] = list(_PROMPTS)
     lines += [f"{IM_START}user\nWhere?{IM_END}\n{IM_START}assistant\n"] * 50  # role words: one token each
-    for words in (_COLOURS, _SHAPES, _WORDS):
+    for words in (_COLOURS, _SHAPES, _PATTERNS, _WORDS):
         lines.append(words)
         lines.append(" ".join(w.capitalize() for w in words.split()))
+    # answer words are frequent, so they merge into whole tokens as in a real vocabulary; a multi-token
+    # answer sharing pieces with others ("ver"+"tic"+...) lets answer-step DPO splice them into garbage
+    lines += f"{_COLOURS} {_SHAPES} {_PATTERNS}".split() * 40  # one word per line: the bare form, as answered
     for colour in _COLOURS.split():
         for shape in _SHAPES.split():
             lines.append(f"What is on the {colour} {shape}? The {colour} {shape}.")

@@ -4,16 +4,18 @@ VisRL starts from a pretrained multimodal model (Qwen2-VL-7B, LLaVA-1.5-7B). Wei
 here, so the tiny default backbone is first taught *generic* skills of the synthetic world, never the
 intention -> region pairs that VisRL avoids annotating:
 
-* ``locate`` (referring-expression grounding, as in a pretrained model's RefCOCO-style data): "Where is the
-  circle?" + full view -> the circle's box. Objects are named by *shape* here;
-* ``colour`` (region description): "What colour is the object in [1, 2, 2, 3]?" + full view -> "red";
+* ``point``: "Where is the object?" + a view holding one lone object of constant look -> its box (reading the
+  attended token's position: learnable in minutes because the object's key is constant);
 * ``read`` (reading a clear view, like OCR pretraining): a close-up of one object + the question about it ->
-  the pattern, with the ``direct`` template (also the prompt of the likelihood crop scorer).
+  the pattern, with the ``direct`` template (also the prompt of the likelihood crop scorer);
+* ``locate`` ("Where is the circle?" among several objects) and ``colour`` ("What colour is the object in
+  [1, 2, 2, 3]?"): referring grounding and region description. Available, but off in the default recipe: a
+  tiny model did not learn them within the CPU budget (docs/toy-scale-status.md).
 
-The CoT questions name objects by *colour* ("What pattern is on the red object? Please provide the bounding
-box ..."), so the SFT warm-up starts from a model that can see and ground, but has to learn which region a
-question needs from a few annotated examples: partial boxes, the room VisRL's self-evolution closes
-(shared/notes/toy-scale-findings.md: "make the CoT questions refer to objects differently from the base stage").
+The CoT questions ask for the red object among distractors ("What pattern is on the red object? Please
+provide the bounding box ..."), a scene the base never saw with a prompt it never saw, so the SFT warm-up
+starts from a model that can point and read but has to learn from a few annotated examples which region a
+question needs: partial boxes, the room VisRL's self-evolution closes.
 The result is cached under a key derived from its configuration (a second run reuses it; any change of model,
 world or schedule rebuilds it). Real backbones skip this stage.
 """
@@ -60,8 +62,7 @@ def base_rows(world: WorldConfig, skills: BaseSkills, backbone, templates: Promp
         rows.append(Row(enc.encode_prompt(prompt), (enc.encode_completion(completion),), step, f"base:{i}"))
 
     single = dataclasses.replace(world, n_objects=1)
-    marker = dataclasses.replace(world, n_objects=1, colours=(skills.point_look[0],), shapes=(skills.point_look[1],),
-                                 distinct_shapes=False, distinct_patterns=False)
+    marker = point_world(world, skills)
     for i in range(skills.n_scenes):
         scene = sample_scene(rng, single if rng.random() < skills.single_object else world)
         image = render_scene(scene, world, seed=rng.randrange(2**31))
@@ -85,6 +86,13 @@ def base_rows(world: WorldConfig, skills: BaseSkills, backbone, templates: Promp
             question = world.question.format(colour=obj.colour)
             add(templates.direct_prompt(question, crop), obj.pattern, "read", i)
     return rows
+
+
+def point_world(world: WorldConfig, skills: BaseSkills) -> WorldConfig:
+    """The world of the pointing skill: one object of colour and shape ``skills.point_look``."""
+    colour, shape = skills.point_look
+    return dataclasses.replace(world, n_objects=1, colours=(colour,), shapes=(shape,), target_colours=(),
+                               distinct_shapes=False, distinct_patterns=False)
 
 
 def box_text(scene: Scene, obj, box_format) -> str:
@@ -112,9 +120,14 @@ def evaluate_base(policy, world: WorldConfig, skills: BaseSkills, templates: Pro
     """Greedy accuracy of each base skill on ``n`` fresh scenes (exact text match), e.g. ``base/locate``."""
     rng = random.Random(seed)
     fmt, size = policy.backbone.box_format, policy.backbone.image_size
-    prompts: dict[str, list] = {"locate": [], "colour": [], "read": []}
+    prompts: dict[str, list] = {"point": [], "locate": [], "colour": [], "read": []}
     golds: dict[str, list[str]] = {k: [] for k in prompts}
+    marker = point_world(world, skills)
     for _ in range(n):
+        lone = sample_scene(rng, marker)
+        view = to_view(render_scene(lone, world, seed=rng.randrange(2**31)), size)
+        prompts["point"].append([user(skills.point_prompt, [view])])
+        golds["point"].append(box_text(lone, lone.objects[0], fmt))
         scene = sample_scene(rng, world)
         image = render_scene(scene, world, seed=rng.randrange(2**31))
         full = to_view(image, size)
