@@ -289,7 +289,7 @@ def test_config_validation():
 def test_rollout_yaml_builds_a_config():
     root = OmegaConf.create({"seed": 7, "rollout": OmegaConf.load(CONF / "rollout" / "default.yaml")})
     cfg = RolloutConfig.from_mapping(OmegaConf.to_container(root.rollout, resolve=True))
-    assert (cfg.seed, cfg.n_boxes, cfg.bad_box.iou_threshold) == (7, 8, 0.05)
+    assert (cfg.seed, cfg.n_boxes, cfg.bad_box.iou_threshold) == (7, 16, 0.05)
 
 
 def test_shard_argument_checked(world, tmp_path):
