@@ -13,9 +13,9 @@ intention -> region pairs that VisRL avoids annotating:
   tiny model did not learn them within the CPU budget (docs/toy-scale-status.md).
 
 The CoT questions ask for the red object among distractors ("What pattern is on the red object? Please
-provide the bounding box ..."), a scene the base never saw with a prompt it never saw, so the SFT warm-up
-starts from a model that can point and read but has to learn from a few annotated examples which region a
-question needs: partial boxes, the room VisRL's self-evolution closes.
+provide the bounding box ..."): a prompt the base never saw, on scenes with distractors (the base only points
+at lone objects). So the SFT warm-up starts from a model that can point and read but has to learn from a few
+annotated examples which region a question needs: partial boxes, the room VisRL's self-evolution closes.
 The result is cached under a key derived from its configuration (a second run reuses it; any change of model,
 world or schedule rebuilds it). Real backbones skip this stage.
 """
