@@ -74,6 +74,17 @@ def _load_json_list(path: Path) -> list[Any]:
     return data
 
 
+def json_object(line: str, where: str) -> dict[str, Any]:
+    """One JSONL row: the JSON object on ``line``, or a ValueError naming ``where`` (file and line)."""
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{where}: not valid JSON ({exc.msg})") from exc
+    if not isinstance(row, dict):
+        raise ValueError(f"{where}: expected a JSON object, got {type(row).__name__}")
+    return row
+
+
 def write_text_atomic(path: Path | str, text: str) -> None:
     """Write via a fsynced temporary file in the same folder, so a crash never leaves half a file."""
     path = Path(path)

@@ -34,6 +34,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Protocol
 
+from visrl.data.records import json_object
 from visrl.logging.media import ImageWithBoxes
 
 __all__ = ["Backend", "ImageWithBoxes", "RunLogger", "global_rank", "read_jsonl", "read_metrics"]
@@ -227,15 +228,8 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
     rows = []
     with path.open(encoding="utf-8") as fh:
         for lineno, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}:{lineno}: invalid JSON ({exc.msg})") from exc
-            if not isinstance(row, dict):
-                raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
-            rows.append(row)
+            if line.strip():
+                rows.append(json_object(line, f"{path}:{lineno}"))
     return rows
 
 

@@ -34,6 +34,7 @@ from visrl.data.images import load_rgb, resolve
 from visrl.data.records import (
     PreferenceRecord,
     VisCoTRecord,
+    json_object,
     make_preference_record,
     write_pairs,
     write_text_atomic,
@@ -99,15 +100,7 @@ def read_jsonl(path: Path | str, allow_torn_tail: bool) -> tuple[list[str], list
     if torn and not allow_torn_tail:
         raise ValueError(f"{path}: line {len(pieces)}: incomplete last line (file cut short by a crash?)")
     lines = pieces[:-1]
-    rows = []
-    for n, line in enumerate(lines, 1):
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: line {n}: not valid JSON: {e}") from e
-        if not isinstance(row, dict):
-            raise ValueError(f"{path}: line {n}: expected a JSON object, got {type(row).__name__}")
-        rows.append(row)
+    rows = [json_object(line, f"{path}: line {n}") for n, line in enumerate(lines, 1)]
     return lines, rows, torn
 
 
