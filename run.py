@@ -55,9 +55,9 @@ def main(cfg: DictConfig) -> float | None:
     if is_complete(job_dir):
         log.info("%s is complete; skipping (delete it to run again)", job_dir)
         return None
+    from visrl.dist import StrategyUnavailableError, is_rank_zero
     from visrl.models.real import WeightsNotFoundError  # heavy (torch, transformers): not for a skipped job
     from visrl.pipeline import run
-    from visrl.training.distributed import StrategyUnavailableError, is_rank_zero
 
     try:
         summary = run(cfg)

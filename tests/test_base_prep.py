@@ -35,12 +35,12 @@ from PIL import Image
 
 import visrl.pipeline as pipeline
 from visrl.data.boxes import GridFormat
+from visrl.data.prompts import IMAGE_MARKER, VISRL_SUFFIX, Prompt, PromptTemplates
 from visrl.data.records import VISCOT_SUFFIX
 from visrl.data.synthetic import COLOURS, PATTERNS, SHAPES, WorldConfig
 from visrl.logging.run_logger import RunLogger
 from visrl.models.backbone import Backbone
 from visrl.models.tiny import build_tiny
-from visrl.prompts import IMAGE_MARKER, VISRL_SUFFIX, Prompt, PromptTemplates
 from visrl.training.base_prep import BaseSkills, base_rows, cache_key, evaluate_base, key_material
 
 torch.set_num_threads(1)

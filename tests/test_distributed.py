@@ -1,4 +1,4 @@
-"""Several processes: helpers (visrl/training/distributed.py), sharded regeneration and reference log-probs
+"""Several processes: helpers (visrl/dist.py), sharded regeneration and reference log-probs
 (visrl/data/preference.py), the trainer / SLURM configs, and the whole pipeline under ``trainer=ddp``.
 
 The claims under test:
@@ -35,6 +35,7 @@ from omegaconf import OmegaConf
 from pytorch_lightning.strategies import StrategyRegistry
 from test_generator import FMT, TEMPLATES, FakePolicy, HashCropScorer  # tests/ is on sys.path (rootdir)
 
+from visrl import dist as D
 from visrl.data.preference import PreferenceDataModule, attach_reference_logps, collate_pairs, preference_rows
 from visrl.data.records import read_pairs, read_viscot
 from visrl.data.rows import StepBucketSampler
@@ -45,7 +46,6 @@ from visrl.models.tiny import build_tiny
 from visrl.rollout.filter import FilterConfig
 from visrl.rollout.generator import RolloutConfig
 from visrl.rollout.scorers import RuleAnswerScorer
-from visrl.training import distributed as D
 
 torch.set_num_threads(1)
 CONF = Path(__file__).resolve().parents[1] / "conf"

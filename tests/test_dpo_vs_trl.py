@@ -18,9 +18,9 @@ import pytest
 import torch
 from PIL import Image
 
+from visrl.data.prompts import PromptTemplates
 from visrl.models.backbone import apply_lora
 from visrl.models.tiny import build_tiny
-from visrl.prompts import PromptTemplates
 from visrl.training.reference import AdapterDisabledReference, FrozenCopyReference
 from visrl.training.step_dpo import StepDPOModule
 

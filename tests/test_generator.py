@@ -17,11 +17,11 @@ import torch
 from omegaconf import OmegaConf
 
 from visrl.data.boxes import GridFormat
+from visrl.data.prompts import PromptTemplates
 from visrl.data.records import read_viscot
 from visrl.data.synthetic import PATTERNS, SplitSizes, SyntheticDataset
 from visrl.models.policy import VLMPolicy
 from visrl.models.tiny import build_tiny
-from visrl.prompts import PromptTemplates
 from visrl.rollout.badbox import overlaps
 from visrl.rollout.dataset import meta_path, read_candidates
 from visrl.rollout.generator import (

@@ -14,12 +14,12 @@ import torch
 from PIL import Image
 
 from visrl.data.boxes import GridFormat
+from visrl.data.prompts import Message, user
 from visrl.models.backbone import apply_lora, load_backbone, merge_lora
 from visrl.models.encoding import IGNORE_INDEX
 from visrl.models.logprobs import sequence_logps
 from visrl.models.tiny import build_tiny
 from visrl.models.tokenizer import build_tiny_tokenizer
-from visrl.prompts import Message, user
 
 torch.set_num_threads(1)
 FAMILIES = ("qwen2vl", "qwen25vl", "llava")

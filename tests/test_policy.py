@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from visrl.data.boxes import GridFormat
+from visrl.data.prompts import Message, user
 from visrl.models.backbone import apply_lora
 from visrl.models.encoding import IGNORE_INDEX, EncodedPrompt, make_encoder
 from visrl.models.frozen import AdapterDisabledPolicy
@@ -17,7 +18,6 @@ from visrl.models.logprobs import sequence_logps
 from visrl.models.policy import VLMPolicy, prompt_images
 from visrl.models.prefix import identities, image_spans, shared_layout, shared_prefix_groups
 from visrl.models.tiny import build_tiny
-from visrl.prompts import Message, user
 
 torch.set_num_threads(1)
 FAMILIES = ("qwen2vl", "qwen25vl", "llava")

@@ -20,7 +20,7 @@ from visrl.benchmarks.registry import (
     register_benchmark,
 )
 from visrl.benchmarks.runner import evaluate_all
-from visrl.prompts import REFERENCE
+from visrl.data.prompts import REFERENCE
 
 torch.set_num_threads(1)
 

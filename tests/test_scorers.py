@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from visrl.prompts import Prompt
+from visrl.data.prompts import Prompt
 from visrl.rollout.scorers import (
     SCORERS,
     JudgeAnswerScorer,

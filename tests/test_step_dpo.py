@@ -14,11 +14,11 @@ import torch
 from PIL import Image
 from pytorch_lightning.loggers import Logger
 
+from visrl.data.prompts import PromptTemplates
 from visrl.data.rows import Row
 from visrl.models.backbone import apply_lora
 from visrl.models.logprobs import sequence_logps
 from visrl.models.tiny import build_tiny
-from visrl.prompts import PromptTemplates
 from visrl.training.pair_logps import pack_pairs, pair_logps
 from visrl.training.reference import (
     AdapterDisabledReference,

@@ -40,8 +40,8 @@ from PIL import Image
 from visrl.benchmarks.synthetic import FULL, SyntheticBenchmark, bootstrap_ci, paired_bootstrap
 from visrl.data.boxes import Box, GridFormat
 from visrl.data.images import crop_view
+from visrl.data.prompts import Prompt, PromptTemplates
 from visrl.data.records import make_viscot_record, write_viscot
-from visrl.prompts import Prompt, PromptTemplates
 
 FMT = GridFormat(grid=4)
 SIZE = (256, 256)

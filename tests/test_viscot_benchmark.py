@@ -30,8 +30,8 @@ from visrl.benchmarks.viscot import (
     resolve_image,
 )
 from visrl.data.boxes import GridFormat, Qwen2VLFormat, SqFloatFormat, sq_text
+from visrl.data.prompts import REFERENCE, Prompt
 from visrl.data.records import join_det, read_det, read_viscot
-from visrl.prompts import REFERENCE, Prompt
 
 torch.set_num_threads(1)
 

@@ -13,7 +13,7 @@ from PIL import Image
 
 from visrl.benchmarks.registry import get_benchmark
 from visrl.benchmarks.vstar import POST_PROMPT, VStarBenchmark, extract_letter, load_vstar, option_order
-from visrl.prompts import REFERENCE, PromptTemplates
+from visrl.data.prompts import REFERENCE, PromptTemplates
 
 torch.set_num_threads(1)
 

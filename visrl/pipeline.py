@@ -34,11 +34,11 @@ from omegaconf import DictConfig, OmegaConf
 from visrl.benchmarks.synthetic import paired_bootstrap
 from visrl.data.records import read_viscot
 from visrl.data.sft import RowsDataModule, sft_rows
+from visrl.dist import barrier, check_strategy, is_rank_zero
 from visrl.models.backbone import Backbone, apply_lora, freeze_vision, load_backbone
 from visrl.models.frozen import frozen_policy
 from visrl.models.policy import VLMPolicy
 from visrl.training.base_prep import base_rows, cache_key, cached_base, evaluate_base, key_material
-from visrl.training.distributed import barrier, check_strategy, is_rank_zero
 from visrl.training.fit import fit
 from visrl.training.sft import SFTModule
 

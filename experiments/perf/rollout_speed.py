@@ -33,11 +33,11 @@ import torch
 
 from visrl.data.boxes import GridFormat
 from visrl.data.images import crop_view, load_rgb, resolve, to_view
+from visrl.data.prompts import PromptTemplates
 from visrl.data.records import read_viscot
 from visrl.data.synthetic import SplitSizes, SyntheticDataset
 from visrl.models.policy import VLMPolicy
 from visrl.models.tiny import build_tiny
-from visrl.prompts import PromptTemplates
 from visrl.rollout.generator import RolloutConfig, generate_candidates
 from visrl.rollout.scorers import LikelihoodCropScorer, RuleAnswerScorer, ScoreItem
 

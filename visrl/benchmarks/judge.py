@@ -32,7 +32,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from visrl.prompts import Message
+from visrl.data.prompts import Message
 
 __all__ = [
     "FAILED_REPLY",

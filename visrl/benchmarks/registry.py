@@ -19,7 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol, TypeVar, runtime_checkable
 
-from visrl.prompts import PromptTemplates
+from visrl.data.prompts import PromptTemplates
 
 __all__ = [
     "BUILTIN_MODULES",

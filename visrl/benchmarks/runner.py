@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from visrl.benchmarks.registry import Benchmark
-from visrl.prompts import PromptTemplates
+from visrl.data.prompts import PromptTemplates
 
 __all__ = ["evaluate_all"]
 

@@ -21,8 +21,8 @@ from visrl.benchmarks.metrics import exact_match
 from visrl.benchmarks.registry import register_benchmark
 from visrl.data.boxes import Box, iou
 from visrl.data.images import crop_view, load_rgb, resolve, to_view
+from visrl.data.prompts import PromptTemplates
 from visrl.data.records import VisCoTRecord, read_viscot
-from visrl.prompts import PromptTemplates
 
 MODES = ("direct", "cot_gt", "cot_pred")
 FULL = Box(0.0, 0.0, 1.0, 1.0)

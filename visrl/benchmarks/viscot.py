@@ -50,8 +50,8 @@ from visrl.benchmarks.metrics import anls, exact_match
 from visrl.benchmarks.registry import register_benchmark
 from visrl.data.boxes import Box, BoxFormat, SqFloatFormat, crop_square, from_sq, iou, to_sq
 from visrl.data.images import open_rgb, to_view
+from visrl.data.prompts import Message, Prompt, PromptTemplates, fill, user
 from visrl.data.records import DetRecord, VisCoTRecord, join_det, read_det, read_viscot
-from visrl.prompts import Message, Prompt, PromptTemplates, fill, user
 
 __all__ = [
     "GROUPS",

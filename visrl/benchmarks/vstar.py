@@ -41,7 +41,7 @@ from PIL import Image
 
 from visrl.benchmarks.registry import register_benchmark
 from visrl.data.images import open_rgb, to_view
-from visrl.prompts import Prompt, PromptTemplates, user
+from visrl.data.prompts import Prompt, PromptTemplates, user
 
 __all__ = ["CATEGORIES", "POST_PROMPT", "VStarBenchmark", "VStarItem", "extract_letter", "load_vstar"]
 

@@ -20,7 +20,7 @@ to two-image length) and put chosen and rejected in ONE forward: ``{"step", "bat
 ``ref_cache_dir``, in a :class:`~visrl.training.reference.ReferenceCache` keyed by (reference weights,
 rows, processor), so a beta / loss sweep over the same iteration data computes them once).
 
-Several processes (``trainer=ddp`` ...; :mod:`visrl.training.distributed`): every rank runs
+Several processes (``trainer=ddp`` ...; :mod:`visrl.dist`): every rank runs
 :meth:`PreferenceDataModule.regenerate`; rank r samples the question chunks ``i % world == r`` into
 ``candidates.rank{r}.jsonl``, rank 0 merges them into ``candidates.jsonl`` (byte-identical to one
 process: chunks are seeded by index) and builds the pairs, the others wait and load the same pairs.
@@ -43,9 +43,18 @@ from torch.utils.data import DataLoader
 
 from visrl.data.boxes import Box
 from visrl.data.images import crop_view, load_rgb, resolve, to_view
+from visrl.data.io import write_json_atomic
+from visrl.data.prompts import PromptTemplates
 from visrl.data.records import PreferenceRecord, VisCoTRecord, read_pairs
 from visrl.data.rows import Row, RowDataset, StepBucketSampler
-from visrl.prompts import PromptTemplates
+from visrl.dist import (
+    all_gather_objects,
+    barrier,
+    is_rank_zero,
+    rank_world,
+    shard_batches,
+    wait_for_file,
+)
 from visrl.rollout.dataset import (
     CANDIDATES,
     PAIRS,
@@ -53,7 +62,6 @@ from visrl.rollout.dataset import (
     STATS,
     build_pairs,
     meta_path,
-    write_json_atomic,
 )
 from visrl.rollout.filter import FilterConfig
 from visrl.rollout.generator import (
@@ -66,14 +74,6 @@ from visrl.rollout.generator import (
 )
 from visrl.rollout.scorers import Scorer
 from visrl.training import reference as ref
-from visrl.training.distributed import (
-    all_gather_objects,
-    barrier,
-    is_rank_zero,
-    rank_world,
-    shard_batches,
-    wait_for_file,
-)
 
 __all__ = [
     "PreferenceDataModule",

@@ -15,15 +15,14 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
-import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from visrl.data.boxes import Box, from_px, sq_text
+from visrl.data.io import write_text_atomic
 
 IMAGE_PREFIX = "<image>\n"
 VISCOT_SUFFIX = (
@@ -74,31 +73,8 @@ def _load_json_list(path: Path) -> list[Any]:
     return data
 
 
-def json_object(line: str, where: str) -> dict[str, Any]:
-    """One JSONL row: the JSON object on ``line``, or a ValueError naming ``where`` (file and line)."""
-    try:
-        row = json.loads(line)
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{where}: not valid JSON ({exc.msg})") from exc
-    if not isinstance(row, dict):
-        raise ValueError(f"{where}: expected a JSON object, got {type(row).__name__}")
-    return row
 
 
-def write_text_atomic(path: Path | str, text: str) -> None:
-    """Write via a fsynced temporary file in the same folder, so a crash never leaves half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _with_extra(base: dict[str, Any], extra: Mapping[str, Any] | None) -> dict[str, Any]:

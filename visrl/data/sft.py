@@ -22,9 +22,9 @@ import pytorch_lightning as pl
 from torch.utils.data import DataLoader
 
 from visrl.data.images import crop_view, load_rgb, resolve, to_view
+from visrl.data.prompts import PromptTemplates
 from visrl.data.records import VisCoTRecord
 from visrl.data.rows import Row, RowDataset, StepBucketSampler
-from visrl.prompts import PromptTemplates
 
 log = logging.getLogger(__name__)
 

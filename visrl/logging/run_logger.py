@@ -34,7 +34,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Protocol
 
-from visrl.data.records import json_object
+from visrl.data.io import json_object
 from visrl.logging.media import ImageWithBoxes
 
 __all__ = ["Backend", "ImageWithBoxes", "RunLogger", "global_rank", "read_jsonl", "read_metrics"]

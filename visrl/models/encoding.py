@@ -1,7 +1,7 @@
 """Prompts and completions -> model tensors, one encoder per VLM family.
 
 Why: every consumer of a backbone (SFT and step-level DPO data, rollouts, scorers, benchmarks; paper §3)
-turns a :class:`~visrl.prompts.Prompt` (turns of text and PIL images) plus a completion string into the
+turns a :class:`~visrl.data.prompts.Prompt` (turns of text and PIL images) plus a completion string into the
 exact tensors the Hugging Face model expects. Families differ only in how an image becomes placeholder
 tokens and vision tensors:
 
@@ -33,7 +33,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from visrl.prompts import Prompt
+from visrl.data.prompts import Prompt
 
 IGNORE_INDEX = -100
 

@@ -42,11 +42,11 @@ from torch import Tensor
 from transformers import Cache, DynamicCache, StaticCache
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
+from visrl.data.prompts import Prompt
 from visrl.models.backbone import Backbone
 from visrl.models.encoding import EncodedPrompt
 from visrl.models.logprobs import sequence_logps
 from visrl.models.prefix import Group, identities, image_spans, shared_layout, shared_prefix_groups
-from visrl.prompts import Prompt
 
 
 @contextmanager

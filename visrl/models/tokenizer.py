@@ -22,7 +22,7 @@ from collections.abc import Iterable
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from visrl.prompts import REFERENCE, VISRL_SUFFIX
+from visrl.data.prompts import REFERENCE, VISRL_SUFFIX
 
 EOS_TOKEN = "<|endoftext|>"
 IM_START = "<|im_start|>"

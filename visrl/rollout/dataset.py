@@ -23,7 +23,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -31,15 +30,14 @@ from typing import Any
 
 from visrl.data.boxes import Box, ParseFailure, crop_tight, iou
 from visrl.data.images import load_rgb, resolve
+from visrl.data.io import read_jsonl, rewrite_lines, write_json_atomic
+from visrl.data.prompts import PromptTemplates
 from visrl.data.records import (
     PreferenceRecord,
     VisCoTRecord,
-    json_object,
     make_preference_record,
     write_pairs,
-    write_text_atomic,
 )
-from visrl.prompts import PromptTemplates
 from visrl.rollout.filter import FilterConfig, FilterDecision, ScoredCandidate, count_reasons, select_pair
 
 __all__ = [
@@ -48,7 +46,6 @@ __all__ = [
     "PAIRS",
     "REF_LOGPS",
     "STATS",
-    "append_lines",
     "build_pairs",
     "compute_stats",
     "meta_path",
@@ -56,9 +53,7 @@ __all__ = [
     "resume_candidates",
     "merge_shards",
     "read_candidates",
-    "read_jsonl",
     "shard_path",
-    "write_json_atomic",
 ]
 
 log = logging.getLogger(__name__)
@@ -83,38 +78,12 @@ def meta_path(path: Path | str) -> Path:
     return path.with_name(path.name + ".meta.json")
 
 
-def write_json_atomic(path: Path | str, obj: Any) -> None:
-    write_text_atomic(path, json.dumps(obj, indent=2))
 
 
-def read_jsonl(path: Path | str, allow_torn_tail: bool) -> tuple[list[str], list[dict], bool]:
-    """(lines, rows, torn) of a JSONL file written by :func:`append_lines`.
-
-    A last line without its newline is a write cut short by a crash: it is dropped (``torn``) when
-    ``allow_torn_tail``, else an error. Any other bad line is an error naming the file and line.
-    """
-    path = Path(path)
-    text = path.read_text(encoding="utf-8") if path.exists() else ""
-    pieces = text.split("\n")  # "\n" only: the rows are ASCII JSON (no other line breaks)
-    torn = pieces[-1] != ""
-    if torn and not allow_torn_tail:
-        raise ValueError(f"{path}: line {len(pieces)}: incomplete last line (file cut short by a crash?)")
-    lines = pieces[:-1]
-    rows = [json_object(line, f"{path}: line {n}") for n, line in enumerate(lines, 1)]
-    return lines, rows, torn
 
 
-def append_lines(path: Path | str, lines: Sequence[str]) -> None:
-    """Append ``lines`` in ONE write, then flush and fsync: after a crash they are all there or torn."""
-    with open(path, "a", encoding="utf-8") as f:
-        f.write("".join(line + "\n" for line in lines))
-        f.flush()
-        os.fsync(f.fileno())
 
 
-def rewrite_lines(path: Path | str, lines: Sequence[str]) -> None:
-    """Replace the file's content by ``lines`` atomically."""
-    write_text_atomic(path, "".join(line + "\n" for line in lines))
 
 
 def read_candidates(path: Path | str) -> list[dict]:

@@ -48,11 +48,11 @@ from PIL import Image
 
 from visrl.data.boxes import Box, BoxFormat, Size
 from visrl.data.images import crop_view, load_rgb, resolve, to_view
+from visrl.data.io import append_lines
+from visrl.data.prompts import PromptTemplates
 from visrl.data.records import VisCoTRecord
-from visrl.prompts import PromptTemplates
 from visrl.rollout.badbox import format_snap, maybe_replace_bad
 from visrl.rollout.dataset import (
-    append_lines,
     merge_shards,
     open_candidates,
     resume_candidates,

@@ -34,7 +34,7 @@ from PIL import Image
 from torch import Tensor
 
 from visrl.benchmarks.metrics import anls, exact_match
-from visrl.prompts import IMAGE_MARKER, Message, Prompt, user
+from visrl.data.prompts import IMAGE_MARKER, Message, Prompt, user
 
 __all__ = [
     "ANSWER_JUDGE_PROMPT",

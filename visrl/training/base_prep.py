@@ -30,9 +30,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from visrl.data.images import crop_view, to_view
+from visrl.data.prompts import PromptTemplates, user
 from visrl.data.rows import Row
 from visrl.data.synthetic import Scene, WorldConfig, render_scene, sample_scene
-from visrl.prompts import PromptTemplates, user
 
 
 @dataclass(frozen=True)
