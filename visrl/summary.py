@@ -35,10 +35,10 @@ def build_summary(root: Path, evals: list[str]) -> dict[str, Any]:
     """The summary of the evaluations ``evals`` (run-relative folders, iteration 0 first)."""
     iterations = []
     for k, name in enumerate(evals):
-        metrics = read_json(root / name / "metrics.json")
+        metrics = read_json(root / name / "metrics.json", recover=root / name)
         stats = (root / name).parent / "stats.json"  # iter_k/stats.json: the iteration's pair statistics
         if k > 0 and stats.is_file():
-            metrics = {**metrics, **flat_numbers(read_json(stats), "data/")}
+            metrics = {**metrics, **flat_numbers(read_json(stats, recover=stats.parent), "data/")}
         iterations.append({"iter": k, "metrics": metrics})
     summary: dict[str, Any] = {"iterations": iterations}
     summary["final_metric"] = iterations[-1]["metrics"].get("cot_pred/accuracy")
