@@ -48,7 +48,7 @@ from PIL import Image
 from visrl.benchmarks.judge import Judge, JudgeRequest, build_judge, judge_answers
 from visrl.benchmarks.metrics import anls, exact_match
 from visrl.benchmarks.registry import register_benchmark
-from visrl.data.boxes import Box, BoxFormat, SqFloatFormat, crop_square, from_sq, iou, to_sq
+from visrl.data.boxes import Box, BoxFormat, ParseFailure, SqFloatFormat, crop_square, from_sq, iou, to_sq
 from visrl.data.images import open_rgb, to_view
 from visrl.data.prompts import Message, Prompt, PromptTemplates, fill, user
 from visrl.data.records import DetRecord, VisCoTRecord, join_det, read_det, read_viscot
@@ -117,6 +117,13 @@ def resolve_image(root: Path, rel: str) -> Path:
     raise FileNotFoundError(f"Visual-CoT image not found: tried {', '.join(map(str, candidates))}")
 
 
+# Published values beyond +-SQ_LIMIT padded-square sides are out_of_range (departure): such a box lies
+# outside the image or spans ~SQ_LIMIT sides on one axis, so its IoU with a box near the image stays
+# < 0.1 (detection unchanged) and its published crop is the whole image or an edge strip; read as
+# published, "1e308" overflowed to inf (a crash) and "1e20" gave a 0x0 crop.
+SQ_LIMIT = 100.0
+
+
 def parse_published(text: str) -> tuple[float, float, float, float] | None:
     """The published coordinate parse (``model_cot_loader.py``, ``REC/calculation.py``): drop ``" ."``,
     ``[`` and ``]``, split at ``", "``, ``float`` each piece; ``None`` where that raises. Values are kept
@@ -148,6 +155,8 @@ def read_box(fmt: BoxFormat, text: str, size: tuple[int, int]) -> BoxReading:
     lenient format parser finds a box. Other formats (Qwen, grid) go through ``fmt.parse`` and ``to_sq``."""
     if isinstance(fmt, SqFloatFormat):
         sq = parse_published(text)
+        if sq is not None and max(map(abs, sq)) > SQ_LIMIT:
+            return BoxReading(None, None, ParseFailure.OUT_OF_RANGE.value)
         if sq is not None:
             return BoxReading(sq, from_sq(sq, size), None)
         failure = fmt.parse(text, size).failure
