@@ -84,11 +84,13 @@ class JudgeRequest:
 
 @dataclass(frozen=True)
 class JudgeVerdict:
-    """The parsed score (0 when unparseable), whether a score was found, and the raw reply."""
+    """The parsed score (0 when unparseable), whether a score was found, the raw reply, and whether the
+    request itself failed (every attempt timed out or errored: the reply is ``FAILED_REPLY``)."""
 
     score: float
     parsed: bool
     reply: str
+    failed: bool = False
 
 
 def _parse(reply: str) -> float | None:
@@ -131,7 +133,8 @@ def judge_answers(judge: Judge, requests: Sequence[JudgeRequest]) -> list[JudgeV
     verdicts = []
     for reply in replies:
         value = _parse(reply)
-        verdicts.append(JudgeVerdict(0.0 if value is None else value, value is not None, reply))
+        failed = reply == FAILED_REPLY
+        verdicts.append(JudgeVerdict(0.0 if value is None else value, value is not None, reply, failed))
     return verdicts
 
 

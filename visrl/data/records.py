@@ -17,10 +17,10 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from visrl.data.boxes import Box, from_px, sq_text
 from visrl.data.errors import InputError
@@ -37,6 +37,7 @@ _SUFFIX_RE = re.compile(r"(?P<path>.*)###\[(?P<box>[^\[\]]*)\]", re.DOTALL)
 # Path spellings that differ between a benchmark file and its detection file (visual7w.json says
 # cot/v7w/, visual7w.jsonl says cot/visual7w/).
 _PATH_ALIASES = (("cot/visual7w/", "cot/v7w/"),)
+T = TypeVar("T")
 
 
 def _error(source: str, index: int, fieldname: str, message: str) -> InputError:
@@ -185,6 +186,23 @@ def read_viscot(path: str | Path) -> list[VisCoTRecord]:
     return [VisCoTRecord.from_raw(raw, str(path), i) for i, raw in enumerate(load_json_list(path))]
 
 
+def _each(parse: Callable[[Any, int], T], raws: Sequence[Any]) -> list[T | InputError]:
+    out: list[T | InputError] = []
+    for i, raw in enumerate(raws):
+        try:
+            out.append(raw if isinstance(raw, InputError) else parse(raw, i))
+        except InputError as e:
+            out.append(e)
+    return out
+
+
+def read_viscot_rows(path: str | Path) -> list[VisCoTRecord | InputError]:
+    """:func:`read_viscot` for evaluation: a record that cannot be used is its :class:`InputError` in
+    place (so one bad record costs one question); a file that is not a JSON list still raises."""
+    path = Path(path)
+    return _each(lambda raw, i: VisCoTRecord.from_raw(raw, str(path), i), load_json_list(path))
+
+
 def write_viscot(records: Iterable[VisCoTRecord], path: str | Path, indent: int | None = 4) -> None:
     """Write records as a list JSON. ``indent=4`` reproduces 12 of the 13 benchmark files byte for
     byte; ``visual7w.json`` was written without indentation (``indent=None``)."""
@@ -282,18 +300,32 @@ class DetRecord:
         return from_px(self.bbox, self.size)
 
 
-def read_det(path: str | Path) -> list[DetRecord]:
-    """Read a detection JSONL; blank lines are skipped, the record index counts non-blank rows."""
-    path, rows = Path(path), []
+def _det_raws(path: Path) -> list[Any]:
+    """The JSON value of each non-blank line; a line that is not JSON is its InputError in place."""
+    raws: list[Any] = []
     for line_no, line in enumerate(_read_text(path).split("\n"), 1):
         if not line.strip():
             continue
         try:
-            raw = json.loads(line)
+            raws.append(json.loads(line))
         except json.JSONDecodeError as e:
-            raise InputError(f"{path}: record {len(rows)} (line {line_no}): not valid JSON: {e}") from e
-        rows.append(DetRecord.from_raw(raw, str(path), len(rows)))
-    return rows
+            raws.append(InputError(f"{path}: record {len(raws)} (line {line_no}): not valid JSON: {e}"))
+    return raws
+
+
+def read_det_rows(path: str | Path) -> list[DetRecord | InputError]:
+    """:func:`read_det` with each unusable row as its :class:`InputError` in place."""
+    path = Path(path)
+    return _each(lambda raw, i: DetRecord.from_raw(raw, str(path), i), _det_raws(path))
+
+
+def read_det(path: str | Path) -> list[DetRecord]:
+    """Read a detection JSONL; blank lines are skipped, the record index counts non-blank rows."""
+    rows = read_det_rows(path)
+    for row in rows:
+        if isinstance(row, InputError):
+            raise row
+    return rows  # type: ignore[return-value]
 
 
 def write_det(records: Iterable[DetRecord], path: str | Path) -> None:
@@ -308,6 +340,11 @@ def _canonical_path(path: str) -> str:
     return path
 
 
+def same_image(record_path: str, det_path: str) -> bool:
+    """Whether a benchmark record and a detection row name the same image (v7w/visual7w spellings equal)."""
+    return _canonical_path(record_path) == _canonical_path(det_path)
+
+
 def join_det(
     records: Sequence[VisCoTRecord], dets: Sequence[DetRecord]
 ) -> list[tuple[VisCoTRecord, DetRecord]]:
@@ -318,7 +355,7 @@ def join_det(
     if len(records) != len(dets):
         raise InputError(f"{rec_src} has {len(records)} records but {det_src} has {len(dets)} rows")
     for row, (rec, det) in enumerate(zip(records, dets)):
-        if _canonical_path(rec.image_path) != _canonical_path(det.img_path):
+        if not same_image(rec.image_path, det.img_path):
             raise InputError(
                 f"row {row}: {rec_src} image {rec.image_path!r} != {det_src} img_path {det.img_path!r}"
             )
