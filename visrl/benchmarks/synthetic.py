@@ -130,7 +130,9 @@ class SyntheticBenchmark:
         mode = self._effect_mode
         keys = (("accuracy", "correct"),) + ((("det_acc", "iou"),) if mode != "direct" else ())
         return {
-            f"{mode}/{metric}": paired_bootstrap(_values(before, mode, key), _values(after, mode, key), n, seed)
+            f"{mode}/{metric}": paired_bootstrap(
+                _values(before, mode, key), _values(after, mode, key), n, seed
+            )
             for metric, key in keys
         }
 
@@ -163,7 +165,9 @@ class SyntheticBenchmark:
             "box_text": box_text,
             "box": list(box.as_tuple()) if box is not None and failure is None else None,
             "gt_box": list(gt.as_tuple()),
-            "iou": iou(box, gt) if box is not None and failure is None else (0.0 if mode != "direct" else None),
+            "iou": iou(box, gt)
+            if box is not None and failure is None
+            else (0.0 if mode != "direct" else None),
             "parse_failure": failure,
         }
 

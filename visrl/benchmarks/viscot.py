@@ -273,7 +273,9 @@ class VisCoTBenchmark:
         by_uid = {r["uid"]: r for r in preds.rows}
         odd = [it.uid for it in items if tuple(by_uid[it.uid].get("image_size", it.det.size)) != it.det.size]
         if odd:  # scored in the det file's frame; crops use the canonical box (fine if only rescaled)
-            log.warning("viscot %s: %d images differ in size from benchmark_det (first %s)", ds, len(odd), odd[0])
+            log.warning(
+                "viscot %s: %d images differ in size from benchmark_det (first %s)", ds, len(odd), odd[0]
+            )
         log.info("viscot %s: %d questions, %d rows skipped", ds, len(items) + len(skipped),
                  sum(is_skipped(by_uid[u]) for u in by_uid if u.startswith(f"{ds}:")))  # fmt: skip
         return [it.uid for it in items] + [r["uid"] for r in skipped]

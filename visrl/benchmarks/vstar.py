@@ -52,7 +52,15 @@ from visrl.data.errors import InputError
 from visrl.data.images import open_rgb, to_view
 from visrl.data.prompts import Prompt, PromptTemplates, user
 
-__all__ = ["CATEGORIES", "POST_PROMPT", "VStarBenchmark", "VStarItem", "extract_letter", "load_vstar", "load_vstar_rows"]
+__all__ = [
+    "CATEGORIES",
+    "POST_PROMPT",
+    "VStarBenchmark",
+    "VStarItem",
+    "extract_letter",
+    "load_vstar",
+    "load_vstar_rows",
+]
 
 CATEGORIES = ("direct_attributes", "relative_position")
 POST_PROMPT = "\nAnswer with the option's letter from the given choices directly."
@@ -100,7 +108,9 @@ def _read_item(json_path: Path, category: str) -> VStarItem:
     return VStarItem(f"{category}/{json_path.stem}", category, images[0], question, tuple(options))
 
 
-def _annotation_files(root: Path | str, categories: Sequence[str], limit: int | None) -> list[tuple[Path, str]]:
+def _annotation_files(
+    root: Path | str, categories: Sequence[str], limit: int | None
+) -> list[tuple[Path, str]]:
     files: list[tuple[Path, str]] = []
     for category in categories:
         folder = Path(root) / category
