@@ -31,7 +31,6 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from visrl.benchmarks.synthetic import paired_bootstrap
 from visrl.data.records import read_viscot
 from visrl.data.sft import RowsDataModule, sft_rows
 from visrl.dist import barrier, check_strategy, is_rank_zero
@@ -72,7 +71,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         summary.add(0, evaluate(benchmark, backbone, templates, out / "sft" / "eval", logger, cfg))
         if cfg.stage == "all":
             rl_iterations(cfg, backbone, data, splits, templates, benchmark, summary, logger)
-        return summary.finish()
+        return summary.finish(benchmark)
     finally:
         logger.finish()
 
@@ -378,7 +377,7 @@ class Summary:
         if is_rank_zero():
             self.partial.write_text(json.dumps(self.data, indent=2))
 
-    def finish(self) -> dict[str, Any]:
+    def finish(self, benchmark) -> dict[str, Any]:
         from visrl.logging.rundir import make_run_plots
 
         if not is_rank_zero():
@@ -386,9 +385,9 @@ class Summary:
         iters = sorted(self.data["iterations"], key=lambda it: it["iter"])
         self.data["iterations"] = iters
         last = iters[-1]
-        self.data["final_metric"] = last["metrics"].get("cot_pred/accuracy")
+        self.data["final_metric"] = last["metrics"].get(benchmark.headline)
         if len(iters) > 1:
-            self.data["effect"] = paired_bootstrap(self.out / "sft" / "eval", self.out / f"iter_{last['iter']}" / "eval")
+            self.data["effect"] = benchmark.paired_effect(self.out / "sft" / "eval", self.out / f"iter_{last['iter']}" / "eval")
         (self.out / "summary.json").write_text(json.dumps(self.data, indent=2))
         self.partial.unlink(missing_ok=True)
         make_run_plots(self.out)
