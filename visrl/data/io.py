@@ -16,8 +16,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from visrl.data.errors import InputError
 
-class UnreadableFileError(ValueError):
+
+class UnreadableFileError(InputError):
     """A run file that cannot be parsed; the message names the file and how to recover."""
 
 
