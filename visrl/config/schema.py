@@ -20,11 +20,12 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import InterpolationToMissingValueError, OmegaConfBaseException
 
 from visrl.config.errors import ConfigError
 
-__all__ = ["RULES", "Rule", "missing_keys", "problems", "validate"]
+__all__ = ["RULES", "Rule", "missing_keys", "problems", "required_keys", "unresolvable", "validate"]
 
 
 @dataclass(frozen=True)
@@ -215,38 +216,78 @@ def problems(cfg: DictConfig) -> list[str]:
     found = []
     for pattern, rule in _rules().items():
         for dotted, parent, key in _expand(cfg, pattern.split("."), ""):
-            if OmegaConf.is_missing(parent, key):
-                continue  # reported by validate() with every other ??? key
-            value = parent[key]
+            try:
+                value = parent[key]
+            except OmegaConfBaseException:
+                continue  # no value or a broken interpolation: missing_keys() / unresolvable() report it
             if not rule.ok(value):
                 found.append(f"config key {dotted}={value!r} is not allowed: expected {rule.allowed()}")
     return found
 
 
 def missing_keys(cfg: DictConfig) -> list[str]:
-    """Keys still ``???`` anywhere in ``cfg`` (mandatory values such as ``data.image_root``)."""
-    return sorted(_missing(cfg, ""))
+    """Keys without a value anywhere in ``cfg`` but its ``hydra`` node: ``???``, an interpolation to a ``???``
+    (``data.image_root: ${.root}``) or one that falls back to ``???`` (``${oc.select:data.image_root,???}``)."""
+    return sorted(key for key, problem in _walk(cfg, "") if problem in (None, _DERIVED))
 
 
-def _missing(node: Any, prefix: str) -> Iterator[str]:
-    if not isinstance(node, DictConfig):
+def required_keys(cfg: DictConfig) -> list[str]:
+    """The ``???`` keys themselves when there are any (``data.root``), else the keys that fall back to
+    ``???`` (``benchmark.root`` without ``data=viscot``): the keys a user has to set."""
+    found = list(_walk(cfg, ""))
+    direct = sorted(key for key, problem in found if problem is None)
+    return direct or sorted(key for key, problem in found if problem == _DERIVED)
+
+
+def unresolvable(cfg: DictConfig) -> list[str]:
+    """``key: reason`` for every interpolation in ``cfg`` (but ``hydra``) that cannot be resolved."""
+    return [f"{key}: {problem}" for key, problem in _walk(cfg, "") if problem not in (None, _DERIVED)]
+
+
+_DERIVED = "derived"  # _walk's reason for a key whose value comes from a ``???`` elsewhere
+# what a mandatory key holds, for the one-line message
+HINTS = {
+    "data.root": "Visual-CoT folder with cot/<dataset>/<images>, visrl_sft.json, visrl_rl.json",
+    "benchmark.root": "Visual-CoT benchmark folder with benchmark/*.json and cot/<dataset>/<images>",
+    "ckpt": "saved model directory",
+}
+
+
+def _walk(node: Any, prefix: str) -> Iterator[tuple[str, str | None]]:
+    """(dotted key, None) for a ``???`` leaf, (key, _DERIVED) for one that resolves to ``???``, (key, reason)
+    for an unresolvable one."""
+    if not isinstance(node, (DictConfig, ListConfig)):
         return
-    for key in node:
+    keys = list(node) if isinstance(node, DictConfig) else range(len(node))
+    for key in keys:
         dotted = f"{prefix}{key}"
+        if dotted == "hydra":
+            continue
         if OmegaConf.is_missing(node, key):
-            yield dotted
-        else:
-            yield from _missing(node._get_node(key), dotted + ".")
+            yield dotted, None
+            continue
+        try:
+            value = node[key]
+        except InterpolationToMissingValueError:
+            yield dotted, _DERIVED
+            continue
+        except OmegaConfBaseException as exc:  # a broken interpolation: name the key and the reason
+            yield dotted, str(exc).splitlines()[0]
+            continue
+        if value == "???":
+            yield dotted, _DERIVED
+        elif isinstance(value, (DictConfig, ListConfig)):
+            yield from _walk(value, dotted + ".")
 
 
 def validate(cfg: DictConfig) -> None:
-    """Raise :class:`ConfigError` with the first problem (schema violation or a mandatory ``???`` value)."""
-    found = problems(cfg)
-    for key in missing_keys(cfg):
-        if key != "hydra" and not key.startswith("hydra."):
-            found.append(
-                f"config key {key} has no value (???): set it on the command line, e.g. {key}=<value>"
-            )
+    """Raise :class:`ConfigError` with the first problem: a key without a value, an unresolvable
+    interpolation, then a value against :data:`RULES` (the count of further problems is appended)."""
+    found = [
+        f"config key {key} has no value: set {key}=<{HINTS.get(key, 'value')}>" for key in required_keys(cfg)
+    ]
+    found += [f"config key {problem}" for problem in unresolvable(cfg)]
+    found += problems(cfg)
     if found:
         more = f" (and {len(found) - 1} more problem(s))" if len(found) > 1 else ""
         raise ConfigError(found[0] + more)
