@@ -47,7 +47,15 @@ OmegaConf.register_new_resolver(
 )
 
 log = logging.getLogger("visrl")
-UNWRITABLE = (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.ENAMETOOLONG)
+UNWRITABLE = (
+    errno.EACCES,
+    errno.EPERM,
+    errno.EROFS,
+    errno.ENOSPC,
+    errno.ENAMETOOLONG,
+    errno.ENOTDIR,
+    errno.EEXIST,
+)
 
 
 def _is_multirun() -> bool:
