@@ -108,7 +108,7 @@ def sweep_root_of(job_dir: str | Path) -> Path | None:
 
 
 def sweep_group_name(sweep_dir: str | Path) -> str:
-    """The W&B group of a sweep: the sweep dir's name (``multirun/<VISRL_SWEEP or timestamp>`` in conf/hydra)."""
+    """The W&B group of a sweep: the sweep dir's name (``multirun/<the sweep command>`` in conf/hydra)."""
     return Path(sweep_dir).name or "sweep"
 
 
