@@ -24,13 +24,15 @@ from __future__ import annotations
 
 import datetime as _dt
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 __all__ = [
     "DONE",
     "FAILED",
     "HydraJobInfo",
+    "JobResult",
     "failure_message",
     "hydra_job_info",
     "is_complete",
@@ -110,6 +112,19 @@ def sweep_root_of(job_dir: str | Path) -> Path | None:
 def sweep_group_name(sweep_dir: str | Path) -> str:
     """The W&B group of a sweep: the sweep dir's name (``multirun/<the sweep command>`` in conf/hydra)."""
     return Path(sweep_dir).name or "sweep"
+
+
+@dataclass
+class JobResult:
+    """One job of a sweep, as ``visrl.report`` reads it (here, below the report and its plots)."""
+
+    job_dir: Path
+    name: str  # path relative to the sweep dir
+    overrides: dict[str, Any]
+    status: str
+    metrics: dict[str, float] = field(default_factory=dict)  # final iteration + "sft/..." + "effect/..."
+    intervals: dict[str, tuple[float, float]] = field(default_factory=dict)  # metric -> [lo, hi] (95 %)
+    error: str = ""
 
 
 @dataclass(frozen=True)
