@@ -319,10 +319,11 @@ def test_tiny_model_configs_instantiate(name):
 
 def test_real_loader_fails_fast_with_one_line_without_weights(tmp_path):
     code = (
-        "from hydra.utils import instantiate\nfrom omegaconf import OmegaConf\n"
+        "from hydra.utils import instantiate\nfrom hydra import compose, initialize_config_dir\n"
         "from hydra.errors import InstantiationException\nimport sys\n"
         "for name in ('llava15', 'qwen2vl', 'qwen25vl'):\n"
-        f"    cfg = OmegaConf.load('{REPO}/conf/model/' + name + '.yaml')\n"
+        f"    with initialize_config_dir(config_dir='{REPO}/conf', version_base='1.3'):\n"
+        "        cfg = compose('config', overrides=['model=' + name]).model\n"
         "    try:\n        instantiate(cfg)\n"
         "    except InstantiationException as err:\n"
         "        assert type(err.__cause__).__name__ == 'WeightsNotFoundError', repr(err.__cause__)\n"
