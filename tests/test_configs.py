@@ -30,6 +30,8 @@ from hydra.errors import ConfigCompositionException, MissingConfigException
 from hydra.utils import get_object, instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from visrl.config import schema
+
 CONF = Path(__file__).resolve().parents[1] / "conf"
 MODEL_PIPELINE_KEYS = ("lora", "is_tiny")  # model settings read by the pipeline, not builder arguments
 
@@ -39,7 +41,7 @@ def _options() -> list[tuple[str, str]]:
     found = []
     for path in sorted(CONF.rglob("*.yaml")):
         group = path.parent.relative_to(CONF).as_posix()
-        if group != ".":
+        if group != "." and not path.stem.startswith("_"):  # _tiny/_real: bases of options, not choices
             found.append((group, path.stem))
     return found
 
@@ -132,8 +134,8 @@ def job_config(cfg: DictConfig) -> DictConfig:
 
 
 def missing_keys(cfg: DictConfig) -> set[str]:
-    """Mandatory (``???``) keys of the job config."""
-    return set(OmegaConf.missing_keys(job_config(cfg)))
+    """The keys a user must set (``???`` in a file, or a fallback to ``???``) of the job config."""
+    return set(schema.required_keys(job_config(cfg)))
 
 
 # ----------------------------------------------------------------------------------------------- tests
@@ -167,8 +169,8 @@ def test_every_option_composes_and_keeps_its_values(group: str, option: str) -> 
         assert got == value, f"{path}: {key} = {value!r} in the file, {got!r} once composed"
     check_targets(cfg, f"{group}={option}")
     # mandatory values come from the file itself (e.g. data=viscot's paths), never from a default
-    declared = {key for key, value in leaves(raw, package) if value == "???"}
-    if group != "experiment":
+    declared = {key for key, value in leaves(raw, package) if value == "???" or str(value).endswith(",???}")}
+    if group not in ("experiment", "recipe", "model"):  # these select data=viscot (data.root)
         assert missing_keys(cfg) <= declared, (
             f"{path}: unexpected mandatory keys {missing_keys(cfg) - declared}"
         )
@@ -183,27 +185,96 @@ def test_experiment_preset_documents_its_mandatory_values(name: str) -> None:
     assert missing_keys(compose_cfg(f"experiment={name}")) == documented
 
 
-@pytest.mark.parametrize("name", [e for e in EXPERIMENTS if e.startswith("visrl_")])
-def test_real_backbone_presets_select_the_reference_recipe(name: str) -> None:
-    """Selecting a real model from a preset still applies the model's own group overrides (LoRA SFT,
-    reference prompts and judge scorers, no tiny base preparation) and the paper's hyper-parameters."""
+REAL_MODELS = ("llava15", "qwen2vl", "qwen25vl")
+PAPER_CHOICES = {"data": "viscot", "benchmark": "viscot", "base": "none", "sft": "reference", "dpo": "reference",
+                 "prompt": "visrl", "scorer": "judge", "recipe": "paper"}  # fmt: skip
+
+
+@pytest.mark.parametrize("model", REAL_MODELS)
+def test_real_backbone_selects_the_paper_recipe(model: str) -> None:
+    """``model=<real>`` is the paper's recipe in one command: Visual-CoT data and benchmark under one
+    ``data.root``, LoRA SFT/DPO, judge scorers, no tiny base preparation, bf16 on the GPU when present."""
     from visrl.models.real import KNOWN_MODELS
 
-    cfg = compose_cfg(f"experiment={name}")
+    cfg = compose_cfg(f"model={model}", "iter=3")
     choices = cfg.hydra.runtime.choices
+    assert {g: choices[g] for g in PAPER_CHOICES} == PAPER_CHOICES
     assert KNOWN_MODELS[cfg.model.hf_id] == cfg.model.family and not cfg.model.is_tiny
-    expected = {"base": "none", "sft": "reference", "prompt": "visrl", "scorer": "judge", "trainer": "gpu"}
-    assert {g: choices[g] for g in expected} == expected
-    assert cfg.base.enabled is False and cfg.sft.lora is True
+    assert cfg.base.enabled is False and cfg.sft.lora is True and cfg.dpo.lora is True
+    assert (cfg.trainer.accelerator, cfg.trainer.precision) == ("auto", "bf16-mixed")
     assert cfg.objective.beta == 0.1 and cfg.model.lora.r == 8 and cfg.model.lora.alpha == 16
+    assert cfg.rollout.n_boxes == 6 and cfg.dpo.reference == "initial"
+    assert missing_keys(cfg) == {"data.root"}  # the one value the user must give
+    job = job_config(cfg)
+    job.data.root = "/data/viscot"
+    assert (job.data.image_root, job.benchmark.root) == ("/data/viscot", "/data/viscot")
+    assert job.data.sft == "/data/viscot/visrl_sft.json"
+    schema.validate(job)
+
+
+@pytest.mark.parametrize("model", REAL_MODELS)
+def test_real_backbone_on_the_toy_task_and_without_the_recipe(model: str) -> None:
+    """``data=synthetic`` keeps the toy task (its benchmark follows the data); ``recipe=none`` drops the
+    recipe altogether (the tiny defaults on a real backbone)."""
+    toy = compose_cfg(f"model={model}", "data=synthetic")
+    assert (toy.hydra.runtime.choices.data, toy.hydra.runtime.choices.benchmark) == ("synthetic", "synthetic")
+    assert toy.sft.lora is True and missing_keys(toy) == set()
+    plain = compose_cfg(f"model={model}", "recipe=none")
+    assert plain.sft.lora is False and plain.hydra.runtime.choices.scorer == "self"
+    assert plain.model.hf_id and plain.model.box_format._target_.startswith("visrl.data.boxes.")
+
+
+def test_default_composes_as_before_the_bases() -> None:
+    """The tiny default's model, built from model/_tiny.yaml, holds exactly the values it always had."""
+    cfg = compose_cfg()
+    model = OmegaConf.to_container(cfg.model)
+    assert model == {
+        "_target_": "visrl.models.tiny.build_tiny", "name": "tiny_qwen2vl", "is_tiny": True,
+        "freeze_vision": True, "family": "qwen2vl", "text_hidden": 64, "text_layers": 2, "heads": 4,
+        "kv_heads": None, "intermediate": None, "vision_hidden": 64, "vision_layers": 1, "patch_size": 8,
+        "merge_size": 2, "image_size": 64, "abs_pos_embed": True, "abs_pos_grid": 4, "abs_pos_std": 0.15,
+        "vocab_size": 512, "seed": "${seed}", "dtype": "float32",
+        "box_format": {"_target_": "visrl.data.boxes.GridFormat", "grid": 4},
+        "lora": {"r": 8, "alpha": 16, "dropout": 0.0, "target_regex": None},
+    }  # fmt: skip
+    assert (cfg.trainer.accelerator, cfg.trainer.precision, cfg.seed) == ("auto", "32-true", 0)
+
+
+COMPOSITIONS = [f"{g}={o}" for g, o in OPTIONS if g != "hydra/launcher"] + [f"model={m}" for m in REAL_MODELS]
+
+
+@pytest.mark.parametrize("override", COMPOSITIONS)
+def test_every_composition_satisfies_the_schema(override: str) -> None:
+    """Every option of every group and every experiment preset passes visrl.config.schema (types, ranges,
+    choices), and nothing but the documented mandatory roots lacks a value."""
+    job = job_config(compose_cfg(override))
+    assert schema.problems(job) == [], override
+    assert schema.unresolvable(job) == [], override
+    assert set(schema.required_keys(job)) <= {"data.root", "benchmark.root"}, override
+    for key in schema.required_keys(job):
+        OmegaConf.update(job, key, "/some/folder")
+    schema.validate(job)
+
+
+@pytest.mark.parametrize(
+    ("override", "needle"),
+    [("iter=three", "iter='three'"), ("objective.beta=0", "objective.beta=0"), ("stage=train", "one of all"),
+     ("objective.loss=dpo", "one of hinge"), ("dpo.stages.stage1.epochs=-1", "dpo.stages.stage1.epochs=-1"),
+     ("trainer.accelerator=gpus", "one of auto"), ("filter.crop_lo=-0.1", "in [0, 1]"),
+     ("rollout.questions=0", "an integer >= 1 or null")],
+)  # fmt: skip
+def test_schema_rejects_a_bad_value_naming_key_value_and_allowed(override: str, needle: str) -> None:
+    with pytest.raises(schema.ConfigError) as err:
+        schema.validate(job_config(compose_cfg(override)))
+    assert needle in str(err.value) and "\n" not in str(err.value)
 
 
 @pytest.mark.parametrize(("group", "option"), OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
 def test_cheap_parts_instantiate(group: str, option: str, tmp_path: Path) -> None:
     """Prompt, filter, scorers, benchmark (dummy roots) and synthetic data of every composition build."""
     cfg = job_config(compose_cfg(f"{group}={option}"))
-    if "benchmark.root" in OmegaConf.missing_keys(cfg):
-        cfg.benchmark.root = str(tmp_path)
+    for key in schema.required_keys(cfg):  # data.root / benchmark.root: a dummy folder
+        OmegaConf.update(cfg, key, str(tmp_path))
     templates = instantiate(cfg.prompt)
     for step, n_images in (("box", 1), ("answer", 2), ("direct", 1)):  # answer: full image + crop (§3.1)
         text = getattr(templates, step)
@@ -254,4 +325,4 @@ def test_run_name_leaves_out_logger_and_fault_injection() -> None:
     """The run dir is named from the overrides (resume = same command); logger and fail_after do not
     count, so a run crashed with fail_after=... resumes with the plain command, under any logger."""
     cfg = compose_cfg("iter=2", "fail_after=iter_1", "logger=csv", "objective.beta=0.2")
-    assert cfg.hydra.job.override_dirname == "iter=2,objective.beta=0.2"
+    assert cfg.hydra.job.override_dirname == "iter-2+objective.beta-0.2"

@@ -29,10 +29,10 @@ LAYERS: dict[str, set[str]] = {
     "visrl.rollout": {"visrl.data", "visrl.models", "visrl.benchmarks", *PLUMBING},  # scorers reuse answer metrics
     "visrl.training": {"visrl.data", "visrl.models", "visrl.losses", "visrl.rollout", "visrl.benchmarks", *PLUMBING},
     "visrl.logging": {"visrl.data", *PLUMBING},
-    "visrl.runs": {"visrl.data", *PLUMBING},
+    "visrl.runs": {"visrl.data", "visrl.logging", *PLUMBING},
     "visrl.summary": {"visrl.data", "visrl.benchmarks", "visrl.logging"},
     "visrl.report": {"visrl.data", "visrl.logging"},
-    "visrl.config": {"visrl.data", "visrl.losses"},
+    "visrl.config": {"visrl.data", "visrl.losses"},  # the schema and the one-line errors of run.py
     "visrl.pipeline": {"visrl.data", "visrl.models", "visrl.losses", "visrl.rollout", "visrl.benchmarks",
                        "visrl.training", "visrl.logging", "visrl.runs", "visrl.summary", *PLUMBING},
 }  # fmt: skip

@@ -309,7 +309,7 @@ def test_job_markers_and_sweep_root(tmp_path: Path) -> None:
     assert job_status(job) == "failed"
     assert "Traceback" in (job / "FAILED").read_text()
     assert failure_message(job) == "RuntimeError: CUDA out of memory"
-    mark_complete(job)
+    mark_complete(job, [])
     assert job_status(job) == "complete" and not (job / "FAILED").exists()
     assert sweep_root_of(job) == sweep.resolve()
     assert sweep_root_of(tmp_path) is None

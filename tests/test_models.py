@@ -303,11 +303,13 @@ def test_save_load_lora_merged_and_adapter_only(tmp_path):
 # ---- configs and the real loader -----------------------------------------------------------------------
 @pytest.mark.parametrize("name", ["tiny_qwen2vl", "tiny_qwen25vl", "tiny_llava"])
 def test_tiny_model_configs_instantiate(name):
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
     from hydra.utils import instantiate
-    from omegaconf import OmegaConf
 
-    cfg = OmegaConf.load(REPO / "conf" / "model" / f"{name}.yaml")
-    cfg.seed = 0
+    GlobalHydra.instance().clear()  # the model files build on conf/model/_tiny.yaml: compose, not load
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        cfg = compose("config", overrides=[f"model={name}", "seed=0"]).model
     bb = instantiate(cfg, _convert_="all")
     assert bb.name == name and bb.box_format == GridFormat(grid=4) and cfg.is_tiny
     ids = bb.encoder.encode_prompt(prompts()[0]).input_ids
@@ -317,10 +319,11 @@ def test_tiny_model_configs_instantiate(name):
 
 def test_real_loader_fails_fast_with_one_line_without_weights(tmp_path):
     code = (
-        "from hydra.utils import instantiate\nfrom omegaconf import OmegaConf\n"
+        "from hydra.utils import instantiate\nfrom hydra import compose, initialize_config_dir\n"
         "from hydra.errors import InstantiationException\nimport sys\n"
         "for name in ('llava15', 'qwen2vl', 'qwen25vl'):\n"
-        f"    cfg = OmegaConf.load('{REPO}/conf/model/' + name + '.yaml')\n"
+        f"    with initialize_config_dir(config_dir='{REPO}/conf', version_base='1.3'):\n"
+        "        cfg = compose('config', overrides=['model=' + name]).model\n"
         "    try:\n        instantiate(cfg)\n"
         "    except InstantiationException as err:\n"
         "        assert type(err.__cause__).__name__ == 'WeightsNotFoundError', repr(err.__cause__)\n"

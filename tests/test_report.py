@@ -42,8 +42,19 @@ def make_sweep(root: Path) -> Path:
                 "iterations": [
                     {"iter": 0, "metrics": {ACC: 0.25, DET: 0.1}},
                     {"iter": 1, "metrics": {ACC: acc - 0.05, DET: 0.2}},
-                    {"iter": 2, "metrics": {ACC: acc, f"{ACC}_ci": [acc - 0.02, acc + 0.02], DET: 0.3}},
+                    {
+                        "iter": 2,
+                        "metrics": {
+                            ACC: acc,
+                            f"{ACC}_ci_lo": acc - 0.02,
+                            f"{ACC}_ci_hi": acc + 0.02,
+                            DET: 0.3,
+                        },
+                    },
                 ],
+                "effect": {
+                    ACC: {"before": 0.25, "after": acc, "diff": acc - 0.25, "ci95": [0.01, 0.4], "n": 6}
+                },
                 "config": dict(o.split("=") for o in overrides),
             }
             job = make_job(sweep, num, overrides, None if num == 3 else summary)
@@ -83,16 +94,25 @@ def test_report_aggregates_a_2x2_sweep_with_a_failed_job(tmp_path: Path) -> None
         assert float(row[f"sft/{ACC}"]) == pytest.approx(0.25) and float(row[f"sft/{DET}"]) == 0.1
         assert row["error"] == ""
     assert rows[3][ACC] == "" and rows[3]["error"] == "RuntimeError: stage1 diverged: loss is nan"
-    assert f"{ACC}_ci" not in rows[0]  # intervals feed error bars, not columns
+    # the CSV holds every metric with its interval (the benchmarks' _ci_lo / _ci_hi) and the paired effect
+    assert float(rows[1][f"{ACC}_ci_lo"]) == pytest.approx(0.48) and float(rows[1][f"{ACC}_ci_hi"]) == 0.52
+    assert float(rows[1][f"effect/{ACC}"]) == pytest.approx(0.25) and rows[1][f"effect/{ACC}_ci_lo"] == "0.01"
+    assert f"{ACC}_ci_lo_ci_lo" not in rows[0]  # an interval is not a metric of its own
 
     md = report.markdown_path.read_text()
     assert "3 complete, 1 failed, 0 incomplete" in md
-    assert "| 1 | tiny_qwen2vl | 0.1 | pipeline" not in md  # a constant override is still a column...
-    assert "| 1 | tiny_qwen2vl | 0.1 | 2 | complete | 0.5 |" in md  # ...with its value
+    # compact: the swept overrides only, the headline metrics (with an interval, and the effects) as v [lo, hi]
+    assert md.splitlines()[4] == f"| job | model | objective.beta | status | {ACC} | effect/{ACC} | error |"
+    assert "| 1 | tiny_qwen2vl | 0.1 | complete | 0.500 [0.480, 0.520] | 0.250 [0.010, 0.400] |  |" in md
     assert sorted(p.name for p in report.plots) == [
-        "eval__synthetic__cot_pred__accuracy.png", "eval__synthetic__cot_pred__det_acc.png",
-    ]  # fmt: skip
+        "effect__eval__synthetic__cot_pred__accuracy.png",
+        "eval__synthetic__cot_pred__accuracy.png",
+    ]  # fmt: skip: plots only for the chosen metrics
     assert all(p.stat().st_size > 1000 for p in report.plots)
+    chosen = write_report(sweep, tmp_path / "det", metrics=["*det_acc"])
+    assert chosen.metrics == [DET, f"sft/{DET}"] and len(chosen.plots) == 2
+    with pytest.raises(ValueError, match="matches none of"):
+        write_report(sweep, tmp_path / "none", metrics=["nope/*"])
 
 
 def test_incomplete_and_unreadable_jobs_are_rows_not_crashes(tmp_path: Path) -> None:
@@ -126,6 +146,9 @@ def test_cli_prints_the_table_and_fails_cleanly(tmp_path: Path, capsys: pytest.C
     assert main([str(sweep), "--out", str(tmp_path / "cli")]) == 0
     out = capsys.readouterr().out
     assert "tiny_llava" in out and "failed" in out and "wrote" in out
+    assert max(len(line) for line in out.splitlines()) <= 200  # compact: readable in a terminal
+    assert main([str(sweep), "--out", str(tmp_path / "m"), "--metrics", f"sft/{ACC}"]) == 0
+    assert "0.250" in capsys.readouterr().out
     assert main([str(tmp_path / "nope")]) == 2
     assert "not found" in capsys.readouterr().err
     assert main([str(tmp_path / "cli")]) == 2  # a directory without jobs

@@ -20,7 +20,8 @@ import pytest
 import torch
 from torch import nn
 
-from visrl.runs import DONE, InjectedFailure, RunDir, RunDirBusyError, RunLock, is_complete
+from visrl.logging.sweep import DONE, is_complete
+from visrl.runs import InjectedFailure, RunDir, RunDirBusyError, RunLock
 
 HOLD = textwrap.dedent(
     """

@@ -1,35 +1,41 @@
 """Sweep report: one table (and one plot per metric) over the jobs of a Hydra multirun.
 
-``python -m visrl.report SWEEP_DIR [--out DIR]`` reads every job directory under ``SWEEP_DIR`` (those with
-``.hydra/overrides.yaml``), and writes ``report.md``, ``report.csv`` and ``plots/<metric>.png`` to ``DIR``
-(default ``SWEEP_DIR/report``); the markdown table is printed with ``rich``. This is how the ablations of
-VisRL §4 (beta, iterations, backbone, reward mix) are read off a sweep.
+``python -m visrl.report SWEEP_DIR [--metrics M,...] [--out DIR]`` reads every job directory under
+``SWEEP_DIR`` (those with ``.hydra/overrides.yaml``), prints a compact table of the chosen metrics, and writes
+``report.md`` (that table), ``report.csv`` (every metric and interval) and ``plots/<metric>.png`` (the chosen
+metrics only) to ``DIR`` (default ``SWEEP_DIR/report``). This is how the ablations of VisRL §4 (beta,
+iterations, backbone, reward mix) are read off a sweep.
 
-Row per job: the job's overrides (one column per overridden key, typed by Hydra's override parser), its
-``status`` (``complete`` | ``failed`` | ``incomplete``, see :mod:`visrl.logging.sweep`), the final iteration's
-metrics from ``summary.json`` and the iteration-0 (SFT warm-up) metrics prefixed ``sft/``, and for failed jobs
-the last line of the ``FAILED`` traceback. A failed or unreadable job is reported in its row, never a crash.
+Metrics: the final iteration's from ``summary.json``, the iteration-0 (SFT warm-up) ones prefixed ``sft/``,
+and the paired effect (last iteration minus SFT) as ``effect/<metric>``. Intervals come from
+``<metric>_ci_lo``/``<metric>_ci_hi`` (the benchmarks' 95 % bootstrap) and the effect's ``ci95``.
+``--metrics`` takes names or shell patterns (``'cot_pred/*'``); the default is the headline: every final
+metric with an interval, and the effects.
 
-Plots: a metric against the swept numeric override (the first one, when several are numeric), one line per
-combination of the other swept overrides, error bars from ``<metric>_ci`` when present; a bar chart per job
-when nothing numeric is swept. Only complete jobs are plotted.
+Row per job: the swept overrides (the values that differ between jobs), ``status`` (``complete`` |
+``failed`` | ``incomplete``, see :mod:`visrl.logging.sweep`), ``value [lo, hi]`` per chosen metric, and for
+a failed job the last line of its ``FAILED`` traceback. A failed or unreadable job is reported in its row.
+
+Plots: a metric against the swept numeric override, one line per combination of the other swept overrides,
+error bars from the intervals; a bar chart per job when nothing numeric is swept. Complete jobs only.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import fnmatch
 import json
 import re
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from visrl.logging.sweep import failure_message, job_status
+from visrl.logging.sweep import JobResult, failure_message, job_status
 
 __all__ = [
     "JobResult",
@@ -39,23 +45,11 @@ __all__ = [
     "main",
     "parse_overrides",
     "report_table",
+    "select_metrics",
     "write_report",
 ]
 
 OVERRIDES = Path(".hydra") / "overrides.yaml"
-
-
-@dataclass
-class JobResult:
-    """One job of a sweep, as the report sees it."""
-
-    job_dir: Path
-    name: str  # path relative to the sweep dir
-    overrides: dict[str, Any]
-    status: str
-    metrics: dict[str, float] = field(default_factory=dict)  # final iteration + "sft/..." (iteration 0)
-    intervals: dict[str, tuple[float, float]] = field(default_factory=dict)  # metric -> bootstrap [lo, hi]
-    error: str = ""
 
 
 @dataclass
@@ -68,6 +62,7 @@ class Report:
     csv_path: Path
     plots: list[Path]
     jobs: list[JobResult]
+    metrics: list[str]  # the chosen metrics (table and plots)
 
 
 def _natural_key(path: Path) -> list[Any]:
@@ -120,8 +115,28 @@ def parse_overrides(path: str | Path) -> dict[str, Any]:
     return out
 
 
+CI_SUFFIXES = ("_ci_lo", "_ci_hi", "_ci")
+
+
+def _scalars(
+    entry: dict[str, Any], prefix: str, metrics: dict[str, float], intervals: dict[str, Any]
+) -> None:
+    """Numeric metrics of one iteration (intervals apart: ``<m>_ci_lo``/``_ci_hi``, or a ``<m>_ci`` pair)."""
+    values = entry["metrics"]
+    for key, value in values.items():
+        if key.endswith(CI_SUFFIXES) or isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        metrics[prefix + key] = float(value)
+        lo, hi, pair = values.get(f"{key}_ci_lo"), values.get(f"{key}_ci_hi"), values.get(f"{key}_ci")
+        if isinstance(pair, (list, tuple)) and len(pair) == 2:
+            lo, hi = pair
+        if isinstance(lo, (int, float)) and isinstance(hi, (int, float)):
+            intervals[prefix + key] = (float(lo), float(hi))
+
+
 def _read_summary(job_dir: Path) -> tuple[dict[str, float], dict[str, tuple[float, float]]]:
-    """Final + ``sft/`` scalar metrics and their intervals from ``summary.json``; raises ValueError."""
+    """Final, ``sft/`` and ``effect/`` scalar metrics and their intervals from ``summary.json``; raises
+    ValueError on a broken file."""
     path = job_dir / "summary.json"
     summary = json.loads(path.read_text(encoding="utf-8"))
     iterations = summary.get("iterations") if isinstance(summary, dict) else None
@@ -133,16 +148,16 @@ def _read_summary(job_dir: Path) -> tuple[dict[str, float], dict[str, tuple[floa
     by_iter = sorted(iterations, key=lambda e: int(e["iter"]))
     metrics: dict[str, float] = {}
     intervals: dict[str, tuple[float, float]] = {}
-    for prefix, entry in (("", by_iter[-1]), ("sft/", by_iter[0])):
-        if prefix and int(entry["iter"]) != 0:
-            continue  # no SFT warm-up recorded
-        for key, value in entry["metrics"].items():
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                continue
-            metrics[prefix + key] = float(value)
-            ci = entry["metrics"].get(f"{key}_ci")
+    _scalars(by_iter[-1], "", metrics, intervals)
+    if int(by_iter[0]["iter"]) == 0:  # the SFT warm-up was evaluated
+        _scalars(by_iter[0], "sft/", metrics, intervals)
+    effect = summary.get("effect")
+    for key, value in effect.items() if isinstance(effect, dict) else ():
+        if isinstance(value, dict) and isinstance(value.get("diff"), (int, float)):
+            metrics[f"effect/{key}"] = float(value["diff"])
+            ci = value.get("ci95")
             if isinstance(ci, (list, tuple)) and len(ci) == 2:
-                intervals[prefix + key] = (float(ci[0]), float(ci[1]))
+                intervals[f"effect/{key}"] = (float(ci[0]), float(ci[1]))
     return metrics, intervals
 
 
@@ -170,22 +185,51 @@ def swept_keys(jobs: Sequence[JobResult]) -> list[str]:
     return [k for k in keys if len({repr(j.overrides.get(k)) for j in jobs}) > 1]
 
 
-def report_table(jobs: Sequence[JobResult]) -> tuple[list[str], list[list[Any]]]:
-    """Columns ``job, <overrides...>, status, <final metrics...>, <sft/ metrics...>, error`` and one row per job."""
-    override_cols = list(dict.fromkeys(k for j in jobs for k in j.overrides))
-    metric_cols = sorted({k for j in jobs for k in j.metrics}, key=lambda k: (k.startswith("sft/"), k))
-    columns = ["job", *override_cols, "status", *metric_cols, "error"]
-    rows = [
-        [
-            j.name,
-            *(j.overrides.get(k) for k in override_cols),
-            j.status,
-            *(j.metrics.get(k) for k in metric_cols),
-            j.error,
-        ]
-        for j in jobs
-    ]
-    return columns, rows
+def select_metrics(jobs: Sequence[JobResult], patterns: Sequence[str] | None = None) -> list[str]:
+    """The metrics matching ``patterns`` (names or shell patterns, in pattern order), or by default the
+    headline: every final-iteration metric with an interval, then the effects (all final metrics if none
+    has an interval)."""
+    names = sorted({k for j in jobs for k in j.metrics})
+    if patterns:
+        chosen = [n for p in patterns for n in names if fnmatch.fnmatchcase(n, p)]
+        return list(dict.fromkeys(chosen))
+    with_ci = {k for j in jobs for k in j.intervals}
+    final = [n for n in names if not n.startswith(("sft/", "effect/"))]
+    headline = [n for n in final if n in with_ci] or final
+    return headline + [n for n in names if n.startswith("effect/")]
+
+
+def report_table(
+    jobs: Sequence[JobResult], metrics: Sequence[str], compact: bool = True
+) -> tuple[list[str], list[list[Any]]]:
+    """Columns ``job, <overrides>, status, <metrics>, error``, one row per job. ``compact``: only the swept
+    overrides, and ``value [lo, hi]`` strings; else every override and metric, with ``_ci_lo``/``_ci_hi``
+    columns (the CSV)."""
+    overrides = (
+        swept_keys(jobs)
+        if compact and len(jobs) > 1
+        else list(dict.fromkeys(k for j in jobs for k in j.overrides))
+    )
+    columns = ["job", *overrides, "status"]
+    for metric in metrics:
+        columns += [metric] if compact else [metric, f"{metric}_ci_lo", f"{metric}_ci_hi"]
+    rows = []
+    for j in jobs:
+        row: list[Any] = [j.name, *(j.overrides.get(k) for k in overrides), j.status]
+        for metric in metrics:
+            value, ci = j.metrics.get(metric), j.intervals.get(metric)
+            if compact:
+                row.append(_with_ci(value, ci))
+            else:
+                row += [value, *(ci if ci else (None, None))]
+        rows.append([*row, j.error])
+    return [*columns, "error"], rows
+
+
+def _with_ci(value: float | None, ci: tuple[float, float] | None) -> str:
+    if value is None:
+        return ""
+    return f"{value:.3f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
 
 
 def _cell(value: Any) -> str:
@@ -203,8 +247,11 @@ def to_markdown(columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_report(sweep_dir: str | Path, out_dir: str | Path | None = None) -> Report:
-    """Aggregate the sweep into ``out_dir`` (default ``<sweep_dir>/report``): report.md/.csv and plots."""
+def write_report(
+    sweep_dir: str | Path, out_dir: str | Path | None = None, metrics: Sequence[str] | None = None
+) -> Report:
+    """Aggregate the sweep into ``out_dir`` (default ``<sweep_dir>/report``): report.md (the chosen
+    ``metrics``, see :func:`select_metrics`), report.csv (all metrics) and the chosen metrics' plots."""
     from visrl.logging.sweep_plots import plot_sweep_metrics
 
     sweep_dir = Path(sweep_dir)
@@ -216,17 +263,25 @@ def write_report(sweep_dir: str | Path, out_dir: str | Path | None = None) -> Re
     out = Path(out_dir) if out_dir is not None else sweep_dir / "report"
     out.mkdir(parents=True, exist_ok=True)
     jobs = [load_job(d, sweep_dir) for d in job_dirs]
-    columns, rows = report_table(jobs)
+    chosen = select_metrics(jobs, metrics)
+    if metrics and not chosen:
+        known = sorted({k for j in jobs for k in j.metrics})
+        raise ValueError(f"--metrics {','.join(metrics)} matches none of: {', '.join(known) or 'no metrics'}")
+    columns, rows = report_table(jobs, chosen)
     counts = {s: sum(j.status == s for j in jobs) for s in ("complete", "failed", "incomplete")}
     header = f"# Sweep report: {sweep_dir}\n\n" + ", ".join(f"{n} {s}" for s, n in counts.items()) + "\n\n"
     markdown = header + to_markdown(columns, rows)
     (out / "report.md").write_text(markdown, encoding="utf-8")
+    all_metrics = sorted(
+        {k for j in jobs for k in j.metrics}, key=lambda k: (k.startswith(("sft/", "effect/")), k)
+    )
+    full_columns, full_rows = report_table(jobs, all_metrics, compact=False)
     with (out / "report.csv").open("w", newline="", encoding="utf-8") as fh:
         writer = csv.writer(fh)
-        writer.writerow(columns)
-        writer.writerows([["" if v is None else v for v in row] for row in rows])
-    plots = plot_sweep_metrics(jobs, swept_keys(jobs), out / "plots")
-    return Report(sweep_dir, markdown, out / "report.md", out / "report.csv", plots, jobs)
+        writer.writerow(full_columns)
+        writer.writerows([["" if v is None else v for v in row] for row in full_rows])
+    plots = plot_sweep_metrics(jobs, swept_keys(jobs), out / "plots", chosen)
+    return Report(sweep_dir, markdown, out / "report.md", out / "report.csv", plots, jobs, chosen)
 
 
 _STATUS_STYLE = {"complete": "green", "failed": "bold red", "incomplete": "yellow"}
@@ -241,7 +296,7 @@ def print_report(report: Report) -> None:
     console = Console()
     if not console.is_terminal:
         console = Console(width=max(console.width, 1000))  # a file/pipe: keep every row on one line
-    columns, rows = report_table(report.jobs)
+    columns, rows = report_table(report.jobs, report.metrics)
     counts = ", ".join(f"{sum(j.status == s for j in report.jobs)} {s}" for s in _STATUS_STYLE)
     table = Table(title=f"Sweep report: {report.sweep_dir} ({counts})", title_justify="left")
     for column in columns:
@@ -259,9 +314,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m visrl.report", description=__doc__.split("\n\n")[0])
     parser.add_argument("sweep_dir", type=Path, help="a Hydra multirun directory")
     parser.add_argument("--out", type=Path, default=None, help="output directory (default SWEEP_DIR/report)")
+    parser.add_argument(
+        "--metrics",
+        default=None,
+        help="comma-separated metric names or shell patterns, e.g. 'cot_pred/accuracy,effect/*' "
+        "(default: every final metric with a 95%% interval, and the paired effects)",
+    )
     args = parser.parse_args(argv)
+    metrics = [m.strip() for m in args.metrics.split(",") if m.strip()] if args.metrics else None
     try:
-        report = write_report(args.sweep_dir, args.out)
+        report = write_report(args.sweep_dir, args.out, metrics)
     except (FileNotFoundError, ValueError) as exc:
         print(f"visrl.report: {exc}", file=sys.stderr)
         return 2

@@ -13,8 +13,9 @@ The pipeline reads like the paper because everything that makes a run survivable
   right before the next step that runs, so a resumed run loads weights once;
 * **rank 0 writes**: every file is written by global rank 0 (:func:`visrl.dist.on_rank_zero`), then a barrier.
 
-Completed runs are recognised by :func:`is_complete` (the ``DONE`` marker and the final files it vouches for),
-so deleting any final file (``summary.json``, ``plots/``) makes the next run rebuild it from its parts.
+:meth:`RunDir.finish` writes the run's ``DONE`` marker last, listing the final files it vouches for
+(:func:`visrl.logging.sweep.is_complete`), so deleting any final file (``summary.json``, ``plots/``) makes the
+next run rebuild it from its parts.
 """
 
 from __future__ import annotations
@@ -32,16 +33,17 @@ from torch import nn
 
 from visrl.data.io import read_json, write_json_atomic
 from visrl.dist import launcher_rank, on_rank_zero
+from visrl.logging.sweep import DONE, mark_complete
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-DONE = "DONE"
-FAILED = "FAILED"  # written by run.py with the traceback when a run crashes
 WEIGHTS = "weights.pt"
 
 
 class RunDirBusyError(RuntimeError):
     """Another live process owns the run directory (an expected error: one line, exit code 2)."""
+
+    owned_by_another = True  # run.py must not mark the other process's run FAILED
 
 
 class InjectedFailure(RuntimeError):
@@ -79,17 +81,6 @@ class RunLock:
         if self._fd is not None:
             os.close(self._fd)  # closing the descriptor releases the lock
             self._fd = None
-
-
-def is_complete(root: Path | str) -> bool:
-    """A finished run: its ``DONE`` marker and every final file it lists exist and are non-empty (so deleting
-    ``summary.json`` or a plot makes the next run rebuild it)."""
-    root = Path(root)
-    try:
-        files = read_json(root / DONE).get("files", [])
-    except (OSError, ValueError, AttributeError):
-        return False
-    return all((root / name).is_file() and (root / name).stat().st_size > 0 for name in files)
 
 
 def save_trainable(model: nn.Module, path: Path) -> None:
@@ -169,6 +160,5 @@ class RunDir:
         if made is None:
             return None
         result, files = made
-        (self.root / FAILED).unlink(missing_ok=True)  # an earlier attempt's crash report is history now
-        on_rank_zero(write_json_atomic, self.root / DONE, {"files": sorted(files)})
+        on_rank_zero(mark_complete, self.root, files)
         return result

@@ -22,6 +22,7 @@ class VisCoTFiles:
     sft: str | Path
     rl: str | Path
     test: str | Path | None = None
+    root: str | Path | None = None  # the Visual-CoT folder the config derives the paths above from (unused here)
 
     def ensure(self) -> dict[str, Path]:
         """Check that every configured file exists and parses; return split name -> path."""

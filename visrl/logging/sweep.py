@@ -4,33 +4,36 @@ A VisRL sweep (e.g. ``model=a,b objective.beta=0.05,0.1``; paper §4 ablations) 
 Hydra sweep directory. ``run.py`` marks each job when it ends, so that ``visrl.report`` can tell complete,
 failed and still-running/killed jobs apart without parsing logs, and so that a relaunch can skip finished jobs:
 
-* ``<job_dir>/DONE``   written by :func:`mark_complete` (an ISO timestamp); also implied by ``summary.json``;
+* ``<job_dir>/DONE``   written last by :func:`mark_complete` (``{"files": [...]}``: the final files it vouches for;
+  a job is complete only while every one of them exists, so deleting one makes the next run rebuild it);
 * ``<job_dir>/FAILED`` written by :func:`mark_failed`: the exception type, message and full traceback.
 
 ``run.py`` usage::
 
     try:
-        visrl.pipeline.run(cfg)
+        visrl.pipeline.run(cfg)      # ends with mark_complete(job_dir, final_files) (visrl.runs.RunDir.finish)
     except Exception as exc:
         mark_failed(job_dir, exc)
-        raise            # or swallow it in a multirun so the other jobs go on
-    else:
-        mark_complete(job_dir)
+        raise            # a multirun re-raises after every job ran
 
 :func:`hydra_job_info` reads the Hydra runtime (when there is one) for the W&B group/name defaults.
 """
 
 from __future__ import annotations
 
-import datetime as _dt
+import json
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
+
+from visrl.data.io import write_json_atomic
 
 __all__ = [
     "DONE",
     "FAILED",
     "HydraJobInfo",
+    "JobResult",
     "failure_message",
     "hydra_job_info",
     "is_complete",
@@ -49,9 +52,15 @@ MULTIRUN_YAML = "multirun.yaml"  # written by Hydra's sweeper at the root of eve
 
 
 def is_complete(job_dir: str | Path) -> bool:
-    """True if the job finished: a ``DONE`` marker or a ``summary.json`` exists."""
+    """True if the job finished: its ``DONE`` marker and every final file it lists exist and are non-empty
+    (so deleting ``summary.json`` or a plot makes the next run rebuild it). Imports no torch: ``run.py``
+    asks this before loading anything."""
     job_dir = Path(job_dir)
-    return (job_dir / DONE).is_file() or (job_dir / SUMMARY).is_file()
+    try:
+        files = json.loads((job_dir / DONE).read_text(encoding="utf-8")).get("files", [])
+    except (OSError, ValueError, AttributeError):
+        return False
+    return all((job_dir / name).is_file() and (job_dir / name).stat().st_size > 0 for name in files)
 
 
 def is_failed(job_dir: str | Path) -> bool:
@@ -66,13 +75,13 @@ def job_status(job_dir: str | Path) -> str:
     return "failed" if is_failed(job_dir) else "incomplete"
 
 
-def mark_complete(job_dir: str | Path) -> Path:
-    """Write ``DONE`` (removing a stale ``FAILED`` from an earlier attempt); returns the marker path."""
+def mark_complete(job_dir: str | Path, files: list[str]) -> Path:
+    """Write ``DONE`` listing the run-relative final ``files`` (removing a stale ``FAILED`` from an earlier
+    attempt), atomically and last; returns the marker path."""
     job_dir = Path(job_dir)
-    job_dir.mkdir(parents=True, exist_ok=True)
     (job_dir / FAILED).unlink(missing_ok=True)
     marker = job_dir / DONE
-    marker.write_text(_dt.datetime.now(_dt.timezone.utc).isoformat() + "\n", encoding="utf-8")
+    write_json_atomic(marker, {"files": sorted(files)})
     return marker
 
 
@@ -108,8 +117,21 @@ def sweep_root_of(job_dir: str | Path) -> Path | None:
 
 
 def sweep_group_name(sweep_dir: str | Path) -> str:
-    """The W&B group of a sweep: the sweep dir's name (``multirun/<VISRL_SWEEP or timestamp>`` in conf/hydra)."""
+    """The W&B group of a sweep: the sweep dir's name (``multirun/<the sweep command>`` in conf/hydra)."""
     return Path(sweep_dir).name or "sweep"
+
+
+@dataclass
+class JobResult:
+    """One job of a sweep, as ``visrl.report`` reads it (here, below the report and its plots)."""
+
+    job_dir: Path
+    name: str  # path relative to the sweep dir
+    overrides: dict[str, Any]
+    status: str
+    metrics: dict[str, float] = field(default_factory=dict)  # final iteration + "sft/..." + "effect/..."
+    intervals: dict[str, tuple[float, float]] = field(default_factory=dict)  # metric -> [lo, hi] (95 %)
+    error: str = ""
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,8 @@
 
 One PNG per final-iteration metric. With a numeric swept override (e.g. ``objective.beta``) the metric is a
 line over it, one line per combination of the other swept overrides (e.g. one per ``model``); without one,
-one bar per job. Error bars come from the jobs' bootstrap intervals when ``summary.json`` holds them. Only
+one bar per job. Error bars come from the jobs' 95 % intervals (``<metric>_ci_lo``/``_ci_hi`` in
+``summary.json``, read by :mod:`visrl.report`) when every drawn job has one. Only
 complete jobs are drawn; failed/incomplete ones are listed in the report table instead.
 """
 
@@ -11,7 +12,7 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import matplotlib
 
@@ -19,9 +20,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from visrl.logging.media import colour_for  # noqa: E402
-
-if TYPE_CHECKING:
-    from visrl.report import JobResult
+from visrl.logging.sweep import JobResult  # noqa: E402
 
 __all__ = ["metric_filename", "numeric_key", "plot_sweep_metrics"]
 
@@ -89,10 +88,12 @@ def _bars(ax: Any, jobs: Sequence[JobResult], metric: str, swept: Sequence[str])
     ax.set_xticks(range(len(jobs)), labels, rotation=30, ha="right", fontsize=8)
 
 
-def plot_sweep_metrics(jobs: Sequence[JobResult], swept: Sequence[str], out_dir: str | Path) -> list[Path]:
-    """One PNG per final-iteration metric of the complete jobs in ``out_dir``; returns the paths written."""
+def plot_sweep_metrics(
+    jobs: Sequence[JobResult], swept: Sequence[str], out_dir: str | Path, metrics: Sequence[str]
+) -> list[Path]:
+    """One PNG per metric in ``metrics`` that a complete job has, in ``out_dir``; returns the paths written."""
     done = [j for j in jobs if j.status == "complete" and j.metrics]
-    metrics = sorted({k for j in done for k in j.metrics if not k.startswith("sft/")})
+    metrics = [m for m in metrics if any(m in j.metrics for j in done)]
     out_dir = Path(out_dir)
     if metrics:
         out_dir.mkdir(parents=True, exist_ok=True)
