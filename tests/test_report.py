@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from visrl.logging.sweep import mark_failed
-from visrl.report import find_jobs, main, parse_overrides, write_report
+from visrl.logging.sweep import find_jobs, mark_failed
+from visrl.report import main, parse_overrides, write_report
 
 ACC = "eval/synthetic/cot_pred/accuracy"
 DET = "eval/synthetic/cot_pred/det_acc"

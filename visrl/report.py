@@ -26,7 +26,6 @@ import argparse
 import csv
 import fnmatch
 import json
-import re
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -35,12 +34,12 @@ from typing import Any
 
 import yaml
 
-from visrl.logging.sweep import JobResult, failure_message, job_status
+from visrl.logging.rundir import Section, is_sweep
+from visrl.logging.sweep import JobResult, failure_message, find_jobs, job_status
 
 __all__ = [
     "JobResult",
     "Report",
-    "find_jobs",
     "load_job",
     "main",
     "parse_overrides",
@@ -63,35 +62,6 @@ class Report:
     plots: list[Path]
     jobs: list[JobResult]
     metrics: list[str]  # the chosen metrics (table and plots)
-
-
-def _natural_key(path: Path) -> list[Any]:
-    """Sort key with embedded numbers compared as numbers: ``beta=0.05 < beta=0.1``, ``2 < 10``."""
-    return [float(t) if i % 2 else t for i, t in enumerate(re.split(r"(\d+(?:\.\d+)?)", path.as_posix()))]
-
-
-def _job_num(job_dir: Path) -> int | None:
-    """Hydra's ``hydra.job.num`` from ``.hydra/hydra.yaml`` (the sweep's launch order), if readable."""
-    try:
-        num = yaml.safe_load((job_dir / ".hydra" / "hydra.yaml").read_text(encoding="utf-8"))["hydra"]["job"][
-            "num"
-        ]
-        return int(num)
-    except (OSError, yaml.YAMLError, KeyError, TypeError, ValueError):
-        return None
-
-
-def find_jobs(sweep_dir: str | Path) -> list[Path]:
-    """Job directories under ``sweep_dir`` (holding ``.hydra/overrides.yaml``), in Hydra's job order, else
-    in natural path order."""
-    sweep_dir = Path(sweep_dir)
-    jobs = [p.parent.parent for p in sweep_dir.rglob("overrides.yaml") if p.parent.name == ".hydra"]
-
-    def key(job: Path) -> tuple[bool, int, list[Any]]:
-        num = _job_num(job)
-        return (num is None, num or 0, _natural_key(job.relative_to(sweep_dir)))
-
-    return sorted(jobs, key=key)
 
 
 def parse_overrides(path: str | Path) -> dict[str, Any]:
@@ -308,6 +278,16 @@ def print_report(report: Report) -> None:
         table.add_row(*cells)
     console.print(table)
     console.print(f"wrote {report.markdown_path}, {report.csv_path} and {len(report.plots)} plot(s)")
+
+
+def sweep_report(target: str | Path, out_dir: str | Path | None = None) -> list[Section]:
+    """The sweep table and per-metric plots (``visrl.report``); a note for a single run."""
+    target = Path(target)
+    if not is_sweep(target):
+        return [Section("sweep report", "_not a sweep directory: no sweep report_")]
+    report = write_report(target, out_dir)
+    sections = [Section("sweep report", report.markdown)]
+    return sections + [Section(p.stem, f"#### {p.stem}", p) for p in report.plots]
 
 
 def main(argv: Sequence[str] | None = None) -> int:

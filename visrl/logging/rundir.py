@@ -3,7 +3,8 @@
 A *run dir* is one pipeline run (``summary.json``, ``metrics.jsonl``, ``sft/eval/``, ``iter_k/eval/``; see
 docs/design.md "Run directory"); a *sweep dir* is a Hydra multirun holding job run dirs (``multirun.yaml``,
 ``*/.hydra/overrides.yaml``). The notebook only calls the section builders here (:func:`overview`,
-:func:`summary_tables`, :func:`iteration_figures`, :func:`gallery_figures`, :func:`sweep_report`) and
+:func:`summary_tables`, :func:`iteration_figures`, :func:`gallery_figures`; the sweep table is
+:func:`visrl.report.sweep_report`) and
 :func:`show`; each works for either kind of directory, so the notebook has no logic of its own.
 
 :func:`make_run_plots` writes ``<run_dir>/plots/iterations.png`` and ``plots/gallery.png`` (VisRL §4: accuracy
@@ -20,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from visrl.logging.sweep import MULTIRUN_YAML, job_status, sweep_root_of
+from visrl.logging.sweep import MULTIRUN_YAML, find_jobs, job_status, sweep_root_of
 
 __all__ = [
     "Section",
@@ -37,7 +38,6 @@ __all__ = [
     "show",
     "summary_markdown",
     "summary_tables",
-    "sweep_report",
 ]
 
 ENV_VAR = "VISRL_RUN_DIR"
@@ -101,8 +101,6 @@ def resolve_target(path: str | Path | None = None, outputs: str | Path | None = 
 
 def runs_of(target: str | Path) -> list[Path]:
     """The run itself, or a sweep's complete jobs (those with ``summary.json``)."""
-    from visrl.report import find_jobs
-
     target = Path(target)
     if not is_sweep(target):
         return [target]
@@ -216,8 +214,6 @@ def overview(target: str | Path) -> list[Section]:
     target = Path(target)
     if not is_sweep(target):
         return [Section("run", f"**run dir** `{target}`")]
-    from visrl.report import find_jobs
-
     statuses = [job_status(j) for j in find_jobs(target)]
     counts = ", ".join(f"{statuses.count(s)} {s}" for s in ("complete", "failed", "incomplete"))
     return [Section("sweep", f"**sweep dir** `{target}`: {len(statuses)} jobs ({counts})")]
@@ -248,18 +244,6 @@ def _plot_section(run: Path, which: str, made: Path | str) -> Section:
     if isinstance(made, Path):
         return Section(f"{run.name}: {which}", f"### {run.name}: {which}", made)
     return Section(f"{run.name}: {which}", f"### {run.name}: {which}\n\n_{made}_")
-
-
-def sweep_report(target: str | Path, out_dir: str | Path | None = None) -> list[Section]:
-    """The sweep table and per-metric plots (``visrl.report``); a note for a single run."""
-    target = Path(target)
-    if not is_sweep(target):
-        return [Section("sweep report", "_not a sweep directory: no sweep report_")]
-    from visrl.report import write_report
-
-    report = write_report(target, out_dir)
-    sections = [Section("sweep report", report.markdown)]
-    return sections + [Section(p.stem, f"#### {p.stem}", p) for p in report.plots]
 
 
 def show(sections: Sequence[Section]) -> None:

@@ -22,10 +22,13 @@ failed and still-running/killed jobs apart without parsing logs, and so that a r
 from __future__ import annotations
 
 import json
+import re
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import yaml
 
 from visrl.data.io import write_json_atomic
 
@@ -36,6 +39,7 @@ __all__ = [
     "JobResult",
     "failure_message",
     "hydra_job_info",
+    "find_jobs",
     "is_complete",
     "is_failed",
     "job_status",
@@ -161,3 +165,32 @@ def hydra_job_info() -> HydraJobInfo | None:
         override_dirname=str(hc.job.get("override_dirname", "") or ""),
         job_num=int(hc.job.num) if hc.job.get("num") is not None else None,
     )
+
+
+def _natural_key(path: Path) -> list[Any]:
+    """Sort key with embedded numbers compared as numbers: ``beta=0.05 < beta=0.1``, ``2 < 10``."""
+    return [float(t) if i % 2 else t for i, t in enumerate(re.split(r"(\d+(?:\.\d+)?)", path.as_posix()))]
+
+
+def _job_num(job_dir: Path) -> int | None:
+    """Hydra's ``hydra.job.num`` from ``.hydra/hydra.yaml`` (the sweep's launch order), if readable."""
+    try:
+        num = yaml.safe_load((job_dir / ".hydra" / "hydra.yaml").read_text(encoding="utf-8"))["hydra"]["job"][
+            "num"
+        ]
+        return int(num)
+    except (OSError, yaml.YAMLError, KeyError, TypeError, ValueError):
+        return None
+
+
+def find_jobs(sweep_dir: str | Path) -> list[Path]:
+    """Job directories under ``sweep_dir`` (holding ``.hydra/overrides.yaml``), in Hydra's job order, else
+    in natural path order."""
+    sweep_dir = Path(sweep_dir)
+    jobs = [p.parent.parent for p in sweep_dir.rglob("overrides.yaml") if p.parent.name == ".hydra"]
+
+    def key(job: Path) -> tuple[bool, int, list[Any]]:
+        num = _job_num(job)
+        return (num is None, num or 0, _natural_key(job.relative_to(sweep_dir)))
+
+    return sorted(jobs, key=key)
