@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from visrl.logging.sweep import find_jobs, mark_failed
+from visrl.logging.sweep import find_jobs, mark_complete, mark_failed
 from visrl.report import main, parse_overrides, write_report
 
 ACC = "eval/synthetic/cot_pred/accuracy"
@@ -25,6 +25,7 @@ def make_job(sweep: Path, num: int, overrides: list[str], summary: dict | None) 
     (job / ".hydra" / "overrides.yaml").write_text("".join(f"- {o}\n" for o in overrides))
     if summary is not None:
         (job / "summary.json").write_text(json.dumps(summary))
+        mark_complete(job, ["summary.json"])  # what the pipeline writes last
     return job
 
 
