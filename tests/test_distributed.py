@@ -34,9 +34,9 @@ from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
 from pytorch_lightning.strategies import StrategyRegistry
 from test_generator import FMT, TEMPLATES, FakePolicy, HashCropScorer  # tests/ is on sys.path (rootdir)
+from visrl.data.preference import PreferenceDataModule, attach_reference_logps, collate_pairs, preference_rows
 
 from visrl import dist as D
-from visrl.data.preference import PreferenceDataModule, attach_reference_logps, collate_pairs, preference_rows
 from visrl.data.records import read_pairs, read_viscot
 from visrl.data.rows import StepBucketSampler
 from visrl.data.synthetic import SplitSizes, SyntheticDataset

@@ -31,14 +31,18 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from visrl.benchmarks.skills import evaluate_base
 from visrl.benchmarks.synthetic import paired_bootstrap
+from visrl.data.hashing import cache_key
 from visrl.data.records import read_viscot
-from visrl.data.sft import RowsDataModule, sft_rows
+from visrl.data.sft import sft_rows
+from visrl.data.skills import base_rows
 from visrl.dist import barrier, check_strategy, is_rank_zero
 from visrl.models.backbone import Backbone, apply_lora, freeze_vision, load_backbone
 from visrl.models.frozen import frozen_policy
 from visrl.models.policy import VLMPolicy
-from visrl.training.base_prep import base_rows, cache_key, cached_base, evaluate_base, key_material
+from visrl.training.base_prep import cached_base, key_material
+from visrl.training.datamodules import RowsDataModule
 from visrl.training.fit import fit
 from visrl.training.sft import SFTModule
 
@@ -166,8 +170,7 @@ def rl_iterations(cfg, backbone, data, splits, templates, benchmark, summary, lo
             continue
         logger.log_metrics({"iter": float(k)})
         policy = VLMPolicy(backbone, batch_size=int(cfg.rollout.batch_size))
-        prefs.regenerate(policy, k, m_org if cfg.scorer.m_org == "initial" else policy)
-        stats = json.loads((it / "stats.json").read_text())
+        stats = prefs.regenerate(policy, k, m_org if cfg.scorer.m_org == "initial" else policy).stats.to_json()
         logger.log_metrics(flat_numbers(stats, "data/"))
         log_pair_samples(logger, it / "pairs.json", data.image_root, k)
         # reference log-probs of every row, once per iteration and BEFORE stage 1 trains the policy (so that
@@ -220,8 +223,8 @@ def load_trainable(backbone: Backbone, path: Path) -> None:
 
 def build_preference_data(cfg: DictConfig, out: Path, splits, image_root, templates):
     """The self-evolving data of every iteration (VisRL §3.3), served as step-level DPO rows."""
-    from visrl.data.preference import PreferenceDataModule
     from visrl.rollout.generator import RolloutConfig
+    from visrl.training.datamodules import PreferenceDataModule
 
     return PreferenceDataModule(
         run_dir=out, pool=read_viscot(splits["rl"]), image_root=image_root, templates=templates,
@@ -243,8 +246,8 @@ def fit_dpo_stage(cfg, stage, backbone, prefs, out: Path, logger, reference=None
         load_trainable(backbone, out / "weights.pt")
         return
     weights = {s: float(w) for s, w in stage.weights.items() if float(w) > 0}
-    prefs.steps = tuple(weights)
-    if not prefs.rows_for(prefs.steps):
+    stage_data = prefs.for_steps(tuple(weights))
+    if not stage_data.rows:
         log.warning("%s: no preference pairs for steps %s; stage skipped", out, list(weights))
     else:
         module = StepDPOModule(
@@ -253,7 +256,7 @@ def fit_dpo_stage(cfg, stage, backbone, prefs, out: Path, logger, reference=None
             beta=float(cfg.objective.beta), label_smoothing=float(cfg.objective.label_smoothing),
             ftx=float(cfg.dpo.ftx), reference=reference,
         )
-        fit(module, prefs, out, int(stage.epochs), trainer_kwargs(cfg), RunLoggerAdapter(logger, name=out.name))
+        fit(module, stage_data, out, int(stage.epochs), trainer_kwargs(cfg), RunLoggerAdapter(logger, name=out.name))
     if is_rank_zero():
         out.mkdir(parents=True, exist_ok=True)
         save_trainable(backbone, out / "weights.pt")

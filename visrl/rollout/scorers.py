@@ -3,7 +3,7 @@
 Every candidate (box -> crop -> answer) gets two scores in [0, 1] from M_org, the model that judges
 (the SFT model, or the previous iteration's): an **answer score** (is the answer right?) and a **crop
 score** (does the crop alone hold what the question asks?). :mod:`visrl.rollout.filter` turns them into
-preference pairs. Scorers are chosen by config (Hydra ``_target_``, or :func:`get_scorer` by name):
+preference pairs. Scorers are chosen by config (Hydra ``_target_`` in ``conf/scorer``):
 
 * :class:`JudgeAnswerScorer` / :class:`JudgeCropScorer` -- the reference: M_org is prompted with the two
   judge prompts (paraphrased below) and decodes greedily; the reply ``{"score": x}`` is parsed by
@@ -39,7 +39,6 @@ from visrl.data.prompts import IMAGE_MARKER, Message, Prompt, user
 __all__ = [
     "ANSWER_JUDGE_PROMPT",
     "CROP_JUDGE_PROMPT",
-    "SCORERS",
     "JudgeAnswerScorer",
     "JudgeCropScorer",
     "JudgeFailure",
@@ -49,7 +48,6 @@ __all__ = [
     "ScoreResult",
     "Scorer",
     "ScoringPolicy",
-    "get_scorer",
     "parse_judge_score",
 ]
 
@@ -337,20 +335,3 @@ def _image_key(image: Any) -> str:
     if image is None:
         return ""
     return hashlib.sha256(image.tobytes()).hexdigest()[:16]
-
-
-SCORERS: dict[str, type] = {
-    cls.name: cls
-    for cls in (JudgeAnswerScorer, JudgeCropScorer, RuleAnswerScorer, LikelihoodCropScorer, RandomScorer)
-}
-
-
-def get_scorer(name: str, **kwargs: Any) -> Scorer:
-    """Build the scorer registered as ``name`` with ``kwargs``; an unknown name lists the valid ones."""
-    try:
-        cls = SCORERS[name]
-    except KeyError:
-        raise ValueError(
-            f"visrl.rollout.scorers: unknown scorer {name!r}; valid names: {sorted(SCORERS)}"
-        ) from None
-    return cls(**kwargs)
