@@ -31,10 +31,10 @@ from enum import Enum
 from typing import Any, ClassVar, Protocol
 
 from PIL import Image
-from torch import Tensor
 
 from visrl.benchmarks.metrics import anls, exact_match
 from visrl.data.prompts import IMAGE_MARKER, Message, Prompt, user
+from visrl.models.protocols import Policy
 
 __all__ = [
     "ANSWER_JUDGE_PROMPT",
@@ -47,7 +47,6 @@ __all__ = [
     "ScoreItem",
     "ScoreResult",
     "Scorer",
-    "ScoringPolicy",
     "parse_judge_score",
 ]
 
@@ -73,22 +72,10 @@ class ScoreResult:
     raw: str | None = None
 
 
-class ScoringPolicy(Protocol):
-    """The part of :class:`visrl.models.policy.VLMPolicy` the scorers use (M_org)."""
-
-    def generate(
-        self, prompts: Sequence[Prompt], *, max_new_tokens: int, temperature: float = 0.0, **kw: Any
-    ) -> list[list[str]]: ...
-
-    def completion_logprobs(
-        self, prompts: Sequence[Prompt], completions: Sequence[str], reduction: str = "sum"
-    ) -> Tensor: ...
-
-
 class Scorer(Protocol):
     name: str
 
-    def score(self, items: Sequence[ScoreItem], policy: ScoringPolicy) -> list[ScoreResult]: ...
+    def score(self, items: Sequence[ScoreItem], policy: Policy) -> list[ScoreResult]: ...
 
 
 # ------------------------------------------------------------------------------------------ judge parsing
@@ -209,7 +196,7 @@ class _JudgeScorer:
         text = self.template.format(**{f: values[f] for f in self.fields})
         return [Message("user", (getattr(item, self.image_field), text))]
 
-    def score(self, items: Sequence[ScoreItem], policy: ScoringPolicy) -> list[ScoreResult]:
+    def score(self, items: Sequence[ScoreItem], policy: Policy) -> list[ScoreResult]:
         if not items:
             return []
         prompts = [self.prompt(item) for item in items]
@@ -262,7 +249,7 @@ class RuleAnswerScorer:
                 f"RuleAnswerScorer: unknown metric {self.metric!r}; valid metrics: {sorted(RULE_METRICS)}"
             )
 
-    def score(self, items: Sequence[ScoreItem], policy: ScoringPolicy | None = None) -> list[ScoreResult]:
+    def score(self, items: Sequence[ScoreItem], policy: Policy | None = None) -> list[ScoreResult]:
         fn = RULE_METRICS[self.metric]
         return [ScoreResult(float(fn(item.answer, item.standard_answer)), None) for item in items]
 
@@ -291,7 +278,7 @@ class LikelihoodCropScorer:
                 f"LikelihoodCropScorer: reduction must be 'sum' or 'mean', got {self.reduction!r}"
             )
 
-    def score(self, items: Sequence[ScoreItem], policy: ScoringPolicy) -> list[ScoreResult]:
+    def score(self, items: Sequence[ScoreItem], policy: Policy) -> list[ScoreResult]:
         if not items:
             return []
         prompts = [[user(self.template, [item.crop], question=item.question)] for item in items]
@@ -321,7 +308,7 @@ class RandomScorer:
     seed: int = 0
     name: ClassVar[str] = "random"
 
-    def score(self, items: Sequence[ScoreItem], policy: ScoringPolicy | None = None) -> list[ScoreResult]:
+    def score(self, items: Sequence[ScoreItem], policy: Policy | None = None) -> list[ScoreResult]:
         out = []
         for item in items:
             key = f"{self.seed}|{item.question}|{item.standard_answer}|{item.answer}|{_image_key(item.crop)}"
