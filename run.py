@@ -49,21 +49,24 @@ def _cause(exc: BaseException, kind: type) -> BaseException | None:
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> float | None:
-    from visrl.logging.sweep import is_complete, mark_complete, mark_failed
+    from visrl.logging.sweep import mark_failed
+    from visrl.runs import is_complete
 
     job_dir = Path(cfg.paths.output_dir)
     if is_complete(job_dir):
         log.info("%s is complete; skipping (delete it to run again)", job_dir)
         return None
-    from visrl.dist import StrategyUnavailableError, is_rank_zero
+    from visrl.dist import StrategyUnavailableError
     from visrl.models.real import WeightsNotFoundError  # heavy (torch, transformers): not for a skipped job
     from visrl.pipeline import run
+    from visrl.runs import RunDirBusyError
 
     try:
         summary = run(cfg)
     except Exception as e:
-        mark_failed(job_dir, e)
-        missing = _cause(e, WeightsNotFoundError) or _cause(e, StrategyUnavailableError)
+        if _cause(e, RunDirBusyError) is None:  # never mark another process's directory
+            mark_failed(job_dir, e)
+        missing = _cause(e, WeightsNotFoundError) or _cause(e, StrategyUnavailableError) or _cause(e, RunDirBusyError)
         if missing is not None:  # one actionable line, no stack trace
             print(f"error: {missing}", file=sys.stderr)
             if _is_multirun():
@@ -73,8 +76,6 @@ def main(cfg: DictConfig) -> float | None:
             log.exception("job %s failed; the sweep goes on", job_dir)
             return None
         raise
-    if is_rank_zero():
-        mark_complete(job_dir)
     return summary.get("final_metric") if isinstance(summary, dict) else None
 
 

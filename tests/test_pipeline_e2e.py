@@ -28,7 +28,7 @@ import torch
 import yaml
 from PIL import Image
 
-from visrl.pipeline import PAIR_COLUMNS, SAMPLE_PAIRS
+from visrl.logging.samples import PAIR_COLUMNS, SAMPLE_PAIRS
 
 ITERS = (1, 2)
 STAGES = ("stage1", "stage2")

@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 
-from visrl.pipeline import PAIR_COLUMNS, SAMPLE_PAIRS
+from visrl.logging.samples import PAIR_COLUMNS, SAMPLE_PAIRS
 
 HEADER = struct.Struct("<4sHB")  # ident ":W&B", magic 0xBEE1, version 0
 RECORD = struct.Struct("<IHB")  # crc32 (seeded with the type byte), length, type
