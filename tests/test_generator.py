@@ -143,6 +143,22 @@ def test_batched_generation_one_call_per_step_and_parse_failures(world, tmp_path
     assert read_candidates(tmp_path / "c.jsonl") == rows
 
 
+def test_candidate_json_is_the_file_line_and_bad_rows_are_named(world, tmp_path):
+    """``Candidate.to_json`` writes exactly the file's line (key order included); a row missing a field or
+    carrying an unknown one fails in one line naming the file and line."""
+    path = tmp_path / "c.jsonl"
+    run(world, path, FakePolicy())
+    lines = path.read_text().splitlines()
+    assert [json.dumps(c.to_json()) for c in read_candidates(path)] == lines
+    row = json.loads(lines[1])
+    del row["crop_score"]
+    path.write_text("\n".join([lines[0], json.dumps({**row, "extra": 1})]) + "\n")
+    with pytest.raises(
+        ValueError, match=r"c\.jsonl: line 2: missing fields \['crop_score'\], unknown fields \['extra'\]"
+    ):
+        read_candidates(path)
+
+
 def test_bad_box_replaces_overlapping_second_box_with_a_disjoint_one(world, tmp_path):
     # attempts (0,1) and (2,3) sample the same box twice: IoU 1 > 0.05 -> the second is synthesised
     rows = run(

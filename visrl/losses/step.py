@@ -1,6 +1,6 @@
 """Step-level DPO: weighted sum of per-step preference losses, plus the optional SFT (``ftx``) term.
 
-VisRL (reference-method.md §2.4) trains in two stages on the same preference pairs:
+The VisRL reference implementation trains in two stages on the same preference pairs:
 
 * stage 1: ``L1 = L_DPO(x1 = (I, q); b_w, b_l)`` -- the box step only;
 * stage 2: ``L2 = 0.5 L_DPO(x1; b_w, b_l) + 0.5 L_DPO(x2 = (I, q, c(b_w)); a_w, a_l)``.

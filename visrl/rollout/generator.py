@@ -1,4 +1,4 @@
-"""Batched rollouts of the self-evolution loop (VisRL §3.3; reference-method.md §2.2): candidates per question.
+"""Batched rollouts of the self-evolution loop (VisRL §3.3): candidates per question.
 
 For each RL-pool question the current policy samples ``n_boxes`` focus boxes (step 1), the image is
 cropped to each, the policy answers from [full view, crop view] (step 2), and M_org (the frozen starting

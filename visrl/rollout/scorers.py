@@ -1,4 +1,4 @@
-"""Candidate scorers of VisRL's self-evolution data (paper §3.2; reference-method.md §2.2 step 3).
+"""Candidate scorers of VisRL's self-evolution data (paper §3.2; the reference's ``data_gen`` scoring step).
 
 Every candidate (box -> crop -> answer) gets two scores in [0, 1] from M_org, the model that judges
 (the SFT model, or the previous iteration's): an **answer score** (is the answer right?) and a **crop

@@ -1,9 +1,9 @@
 """What one self-evolution iteration produced (``<iter_dir>/stats.json``): :class:`PairStats`.
 
 Parse failures by reason, synthetic bad boxes, yield, filter drop reasons, chosen-minus-rejected score
-margins, chosen-vs-rejected IoU, and -- for analysis only -- ground-truth hit rates: at toy scale a
-collapse of the boxes onto one region must be visible at once, and ground truth shows it where the
-self-scores cannot.
+margins, chosen-vs-rejected IoU, and -- for analysis only -- ground-truth hit rates: a collapse of the
+boxes (pairs teaching the model to ignore its crop) must be visible at once, and ground truth shows it
+where the self-scores cannot.
 
 Ground truth is read ONLY by :func:`compute_stats`, for logging; pair selection never sees it.
 """

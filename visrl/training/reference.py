@@ -1,6 +1,6 @@
 """Reference-model log-probs for step-level DPO: strategies, one-off precomputation, and a disk cache.
 
-Why: DPO (VisRL §3.4; reference-method.md §2.4) compares the policy with a frozen reference ``π_ref``.
+Why: DPO (VisRL §3.4) compares the policy with a frozen reference ``π_ref``.
 The reference implementation (LoRA) uses the adapter-disabled model; full fine-tuning needs a frozen copy.
 Both give the same numbers every epoch, so the pipeline computes them **once per iteration**
 (:func:`compute_reference_logps`), stores them on the rows, and trains with :class:`PrecomputedReference`:

@@ -1,6 +1,6 @@
 """Two-stage step-level DPO (VisRL §3.4) as one LightningModule; the stages are data (step weights).
 
-The reference trains each iteration in two stages on the same preference pairs (reference-method.md §2.4):
+The reference implementation trains each iteration in two stages on the same preference pairs:
 
 * stage 1, weights ``{"box": 1.0}``: ``L1 = L_DPO(x1 = (I, q); b_w, b_l)``;
 * stage 2, weights ``{"box": 0.5, "answer": 0.5}``:
