@@ -56,6 +56,7 @@ def main(cfg: DictConfig) -> float | None:
     if is_complete(job_dir):
         log.info("%s is complete; skipping (delete it to run again)", job_dir)
         return None
+    from visrl.data.errors import InputError
     from visrl.dist import StrategyUnavailableError
     from visrl.models.real import WeightsNotFoundError  # heavy (torch, transformers): not for a skipped job
     from visrl.pipeline import run
@@ -67,6 +68,7 @@ def main(cfg: DictConfig) -> float | None:
         if _cause(e, RunDirBusyError) is None:  # never mark another process's directory
             mark_failed(job_dir, e)
         missing = _cause(e, WeightsNotFoundError) or _cause(e, StrategyUnavailableError) or _cause(e, RunDirBusyError)
+        missing = missing or _cause(e, InputError)
         if missing is not None:  # one actionable line, no stack trace
             print(f"error: {missing}", file=sys.stderr)
             if _is_multirun():

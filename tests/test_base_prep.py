@@ -229,9 +229,9 @@ def counted(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
     calls: list[Path] = []
     real_train, real_eval = pipeline.train_rows, pipeline.evaluate_base
 
-    def train_rows(stage_cfg, backbone, rows, out, logger, cfg):
+    def train_rows(stage_cfg, backbone, rows, out, logger, cfg, **kw):
         calls.append(Path(out))
-        return real_train(stage_cfg, backbone, rows, out, logger, cfg)
+        return real_train(stage_cfg, backbone, rows, out, logger, cfg, **kw)
 
     monkeypatch.setattr(pipeline, "train_rows", train_rows)
     monkeypatch.setattr(pipeline, "evaluate_base", lambda *a, **k: real_eval(*a, **{**k, "n": 8}))

@@ -291,3 +291,26 @@ def test_malformed_pairs(tmp_path: Path, mutate: Any, message: str) -> None:
     path = write_json(tmp_path / "pairs.json", [make_pair().raw, bad])
     with pytest.raises(ValueError, match=rf"pairs\.json: record 1: field {message}"):
         read_pairs(path)
+
+
+def test_data_files_errors_are_one_input_error_line(tmp_path: Path) -> None:
+    from visrl.data.errors import InputError
+    from visrl.data.records import make_viscot_record, write_viscot
+    from visrl.data.viscot_files import VisCoTFiles
+
+    rec = make_viscot_record(dataset="d", split="s", question_id=1, image_path="a.jpg", question="q?",
+                             answer="a", box_text="[0.1, 0.1, 0.5, 0.5]")  # fmt: skip
+    write_viscot([rec], tmp_path / "sft.json")
+    write_viscot([rec], tmp_path / "rl.json")
+    files = VisCoTFiles(tmp_path, tmp_path / "sft.json", tmp_path / "rl.json")
+    with pytest.raises(InputError, match=r"sft.json: records \[0\] \(of 1\) field 'image\[1\]'"):
+        files.ensure()
+    (tmp_path / "rl.json").write_text("[]")
+    with pytest.raises(InputError, match=r"data.sft=.*rl.json: no records"):
+        VisCoTFiles(tmp_path, tmp_path / "rl.json", tmp_path / "rl.json").ensure()
+    (tmp_path / "rl.json").write_bytes(b"\xff\x00binary")
+    with pytest.raises(InputError, match=r"rl.json: not a UTF-8 text file"):
+        VisCoTFiles(tmp_path, tmp_path / "rl.json", tmp_path / "rl.json").ensure()
+    with pytest.raises(InputError, match=r"data.image_root=.*nowhere is not a directory"):
+        VisCoTFiles(tmp_path / "nowhere", tmp_path / "sft.json", tmp_path / "rl.json").ensure()
+    assert rec.uid == "d:s:1"

@@ -37,7 +37,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from visrl.benchmarks.synthetic import FULL, SyntheticBenchmark, bootstrap_ci, paired_bootstrap
+from visrl.benchmarks.effects import bootstrap_ci
+from visrl.benchmarks.synthetic import FULL, SyntheticBenchmark
 from visrl.data.boxes import Box, GridFormat
 from visrl.data.images import crop_view
 from visrl.data.prompts import Prompt, PromptTemplates
@@ -234,7 +235,8 @@ def test_paired_bootstrap_diff_is_the_hand_computed_difference(tmp_path: Path) -
         [0.7, 0.6, 0.51, 0.95],
         [{"uid": "u9", "mode": "cot_pred", "correct": True, "iou": 1.0}],
     )
-    result = paired_bootstrap(before, after, mode="cot_pred", n=500, seed=0)
+    bench = SyntheticBenchmark(tmp_path / "test.json")
+    result = bench.paired_effect(before, after, n=500, seed=0)
     expected = {"cot_pred/accuracy": (0.5, 0.75, 0.25), "cot_pred/det_acc": (0.5, 1.0, 0.5)}
     assert set(result) == set(expected)
     for key, (b, a, diff) in expected.items():
@@ -243,7 +245,7 @@ def test_paired_bootstrap_diff_is_the_hand_computed_difference(tmp_path: Path) -
         assert r["diff"] == pytest.approx(diff), key
         lo, hi = r["ci95"]
         assert -1.0 <= lo <= diff <= hi <= 1.0 and lo < hi, key
-    same = paired_bootstrap(before, before, n=200)
+    same = bench.paired_effect(before, before, n=200)
     assert all(r["diff"] == 0.0 and r["ci95"] == [0.0, 0.0] for r in same.values())
 
 

@@ -17,7 +17,6 @@ import torch
 from PIL import Image
 
 from visrl.benchmarks.judge import JudgeRequest
-from visrl.benchmarks.registry import get_benchmark
 from visrl.benchmarks.viscot import (
     SCORED_DATASETS,
     BoxReading,
@@ -30,6 +29,7 @@ from visrl.benchmarks.viscot import (
     resolve_image,
 )
 from visrl.data.boxes import GridFormat, Qwen2VLFormat, SqFloatFormat, sq_text
+from visrl.data.errors import InputError
 from visrl.data.prompts import REFERENCE, Prompt
 from visrl.data.records import join_det, read_det, read_viscot
 
@@ -151,7 +151,7 @@ def test_detection_iou_hand_computed() -> None:
 @needs_data
 def test_evaluate_with_gt_boxes_and_answers(root: Path, tmp_path: Path) -> None:
     policy = ScriptedPolicy(_script(root, SCORED_DATASETS, gt_text, lambda it: it.record.answer))
-    bench = get_benchmark("viscot", root=str(root), limit=LIMIT, batch_size=2)
+    bench = VisCoTBenchmark(root=str(root), limit=LIMIT, batch_size=2)
     metrics = bench.evaluate(policy, REFERENCE, tmp_path)
     for ds in SCORED_DATASETS:
         assert metrics[f"{ds}/det_acc"] == 1.0 and metrics[f"{ds}/n"] == LIMIT
@@ -253,8 +253,11 @@ def test_aggregate_hand_computed() -> None:
     assert (
         m["cub/parse_failures"] == 2 and m["cub/parse_failures/no_box"] == 2 and m["gqa/judge_unparsed"] == 1
     )
-    with pytest.raises(ValueError, match="no predictions for dataset 'vsr'"):
-        aggregate([r for r in rows if r["dataset"] != "vsr"], SCORED_DATASETS)
+    no_vsr = aggregate([r for r in rows if r["dataset"] != "vsr"], SCORED_DATASETS)
+    assert no_vsr["vsr/n"] == 0 and "vsr/det_acc" not in no_vsr  # counted 0 in overall, as published
+    assert no_vsr["overall/det_acc"] == pytest.approx((sum(means) - det["vsr"]) / 11)
+    with pytest.raises(InputError, match=r"nothing scorable in root/benchmark/gqa.json \(no rows\)"):
+        aggregate([], ["gqa"], {"gqa": Path("root/benchmark/gqa.json")})
 
 
 @needs_data
@@ -283,7 +286,7 @@ def test_judge_and_templates_prompt_style(root: Path, tmp_path: Path) -> None:
 
 
 def test_bad_input_names_the_file(tmp_path: Path) -> None:
-    with pytest.raises(FileNotFoundError, match="benchmark/gqa.json"):
+    with pytest.raises(InputError, match="benchmark/gqa.json"):
         load_items(tmp_path, "gqa")
     with pytest.raises(FileNotFoundError, match="cot/v7w/a.jpg.*cot/visual7w/a.jpg"):
         resolve_image(tmp_path, "cot/v7w/a.jpg")

@@ -11,8 +11,8 @@ import pytest
 import torch
 from PIL import Image
 
-from visrl.benchmarks.registry import get_benchmark
 from visrl.benchmarks.vstar import POST_PROMPT, VStarBenchmark, extract_letter, load_vstar, option_order
+from visrl.data.errors import InputError
 from visrl.data.prompts import REFERENCE, PromptTemplates
 
 torch.set_num_threads(1)
@@ -92,7 +92,7 @@ class CraftedPolicy:
 
 def test_both_protocols_give_the_crafted_accuracies(root: Path, tmp_path: Path) -> None:
     policy = CraftedPolicy()
-    bench = get_benchmark("vstar", root=str(root), batch_size=2)
+    bench = VStarBenchmark(root=str(root), batch_size=2)
     metrics = bench.evaluate(policy, REFERENCE, tmp_path)
     assert metrics["likelihood/direct_attributes/accuracy"] == pytest.approx(2 / 3)
     assert metrics["likelihood/relative_position/accuracy"] == 0.5
@@ -169,7 +169,7 @@ def test_templates_prompt_style(root: Path, tmp_path: Path) -> None:
 
 
 def test_bad_input_names_the_file(root: Path, tmp_path: Path) -> None:
-    with pytest.raises(FileNotFoundError, match="missing folder direct_attributes/"):
+    with pytest.raises(InputError, match="missing folder direct_attributes/"):
         load_vstar(tmp_path / "nowhere")
     (root / "relative_position" / "rp1.json").write_text(json.dumps({"question": "Q?", "options": "left"}))
     with pytest.raises(ValueError, match=r"rp1.json: field 'options'"):
@@ -181,7 +181,7 @@ def test_bad_input_names_the_file(root: Path, tmp_path: Path) -> None:
     (root / "relative_position" / "rp1.json").write_text(
         json.dumps({"question": "Q?", "options": ["a", "b"]})
     )
-    with pytest.raises(FileNotFoundError, match="rp1.json: no image rp1"):
+    with pytest.raises(InputError, match="rp1.json: no image rp1"):
         load_vstar(root)
     assert len(load_vstar(root, ["direct_attributes"], limit=2)) == 2
     with pytest.raises(ValueError, match="protocols must be"):

@@ -78,7 +78,8 @@ def _run(cfg: DictConfig, run: RunDir) -> dict[str, Any]:
         if cfg.stage == "eval":
             evaluate(cfg, run, "eval", benchmark, backbone, templates, logger)
             return run.finish(lambda: write_final_files(run.root, benchmark, ["eval"])) or {}
-        backbone = prepare_base(cfg, backbone, templates, logger)
+        backbone = prepare_base(cfg, backbone, templates, logger if not run.done("base") else None)
+        run.step("base", lambda: None)  # the base model is a shared cache; the run records that it logged it
         backbone = sft_warmup(cfg, run, backbone, splits, data.image_root, templates, logger)
         evaluate(cfg, run, "sft/eval", benchmark, backbone, templates, logger)
         iterations = int(cfg.iter) if cfg.stage == "all" else 0
@@ -100,7 +101,8 @@ def build_backbone(cfg: DictConfig) -> Backbone:
 
 
 def prepare_base(cfg: DictConfig, backbone: Backbone, templates, logger) -> Backbone:
-    """Tiny backbones only: teach generic skills once, cached under a key of the whole recipe."""
+    """Tiny backbones only: teach generic skills once, cached under a key of the whole recipe. ``logger``:
+    where the skills metrics go (None: a resumed run that logged them already)."""
     if not cfg.base.enabled:
         return backbone
     world = instantiate(cfg.data.world)
@@ -117,11 +119,12 @@ def prepare_base(cfg: DictConfig, backbone: Backbone, templates, logger) -> Back
     hit = cached_base(root, key)
     if hit is not None:
         log.info("base model: cache hit %s", hit)
-        logger.log_metrics(read_json(hit / "skills.json"))
+        if logger is not None:
+            logger.log_metrics(read_json(hit / "skills.json"))
         return load_backbone(hit / "model")
     log.info("base model: preparing %s (cached afterwards)", root / key)
     rows = base_rows(world, skills, backbone, templates)
-    train_rows(cfg.base, backbone, rows, root / key, logger, cfg)
+    train_rows(cfg.base, backbone, rows, root / key, logger, cfg, phase="base")
 
     def save() -> None:
         skills_metrics = evaluate_base(VLMPolicy(backbone, batch_size=64), world, skills, templates)
@@ -149,15 +152,16 @@ def sft_warmup(cfg: DictConfig, run: RunDir, backbone: Backbone, splits, image_r
     return load_backbone(run / "sft" / "model")
 
 
-def train_rows(stage_cfg: DictConfig, backbone: Backbone, rows, out: Path, logger, cfg: DictConfig) -> None:
-    """One supervised fit (base prep or SFT) of ``rows`` with the stage's optimizer and schedule."""
+def train_rows(stage_cfg: DictConfig, backbone: Backbone, rows, out: Path, logger, cfg: DictConfig,
+               phase: str = "sft") -> None:
+    """One supervised fit (``phase`` base or sft) of ``rows`` with the stage's optimizer and schedule."""
     from visrl.logging.lightning import RunLoggerAdapter
 
     trainable_parts(cfg, backbone)
     dm = RowsDataModule(rows, backbone.encoder, int(stage_cfg.batch_size), int(stage_cfg.max_length), int(cfg.seed))
-    logger.log_metrics({f"data/{out.name}/dropped_long": float(sum(dm.dropped.values()))})
+    logger.log_metrics({f"data/{phase}/dropped_long": float(sum(dm.dropped.values()))})
     module = SFTModule(backbone.model, instantiate(stage_cfg.optimizer), instantiate(stage_cfg.scheduler))
-    fit(module, dm, out, int(stage_cfg.epochs), trainer_kwargs(cfg), RunLoggerAdapter(logger, name=out.name))
+    fit(module, dm, out, int(stage_cfg.epochs), trainer_kwargs(cfg), RunLoggerAdapter(logger, name=phase))
 
 
 def rl_iterations(cfg, run: RunDir, backbone: Backbone, data, splits, templates, benchmark, logger) -> None:

@@ -13,13 +13,22 @@ The Visual-CoT benchmark (which VisRL §4 evaluates on) scores answers with an L
   is dropped (``"score: 0.8."`` -> 0.8) and a match that is still not a number (``"1.2.3"``) scores 0.
 
 Two clients: :class:`OpenAIJudge` (any OpenAI-compatible ``/chat/completions`` endpoint — OpenAI, vLLM,
-SGLang — through ``urllib``, no new dependency, requests in a small thread pool) and :class:`PolicyJudge`
+SGLang — through ``urllib``, requests in a small thread pool) and :class:`PolicyJudge`
 (a local ``VLMPolicy`` prompted text-only; with no model given it is the policy under evaluation, the
 "self-judge" setting of VisRL's data generation). :func:`build_judge` turns a config mapping into either.
+
+Why urllib and not the ``openai`` package: the protocol fixes the retry semantics (N attempts, then the
+reply ``"unknown"`` scores 0), and a judge fault must never abort an evaluation. The ``openai`` client
+retries on its own schedule, raises typed errors per status and needs a key even for local servers; its
+one POST is what this client sends, so the library would add a dependency without removing logic. Every
+failure here (timeout, refused connection, HTTP 5xx, a body that is not the expected JSON, an empty
+reply) is retried with exponential back-off, then counted (``JudgeVerdict.failed``); only refused
+credentials (HTTP 401/403) stop, at the first request, since every later answer would score 0.
 """
 
 from __future__ import annotations
 
+import http.client
 import json
 import logging
 import os
@@ -62,6 +71,7 @@ VISCOT_JUDGE_SYSTEM = (
 )
 VISCOT_JUDGE_USER = "\nquestion: %s\nstandard answer: %s\nmodel's answer: %s\n"
 FAILED_REPLY = "unknown"  # what the published client returns once its retries are spent
+MAX_WAIT_S = 60.0  # cap of the exponential back-off between attempts
 
 _SCORE_RE = re.compile(r"score: ([\d\.]+)")
 
@@ -84,11 +94,13 @@ class JudgeRequest:
 
 @dataclass(frozen=True)
 class JudgeVerdict:
-    """The parsed score (0 when unparseable), whether a score was found, and the raw reply."""
+    """The parsed score (0 when unparseable), whether a score was found, the raw reply, and whether the
+    request itself failed (every attempt timed out or errored: the reply is ``FAILED_REPLY``)."""
 
     score: float
     parsed: bool
     reply: str
+    failed: bool = False
 
 
 def _parse(reply: str) -> float | None:
@@ -131,7 +143,8 @@ def judge_answers(judge: Judge, requests: Sequence[JudgeRequest]) -> list[JudgeV
     verdicts = []
     for reply in replies:
         value = _parse(reply)
-        verdicts.append(JudgeVerdict(0.0 if value is None else value, value is not None, reply))
+        failed = reply == FAILED_REPLY
+        verdicts.append(JudgeVerdict(0.0 if value is None else value, value is not None, reply, failed))
     return verdicts
 
 
@@ -151,7 +164,8 @@ class OpenAIJudge:
     ``api_key_env`` names the environment variable holding the key (sent as ``Bearer``); ``None`` sends no
     key (local servers). ``temperature``/``max_tokens`` are sent only when set (the protocol sends
     neither). Authentication errors (HTTP 401/403) raise :class:`JudgeError` at once instead of silently
-    scoring every answer 0; other errors are retried ``retries`` times in total, then ``"unknown"``.
+    scoring every answer 0; other errors are retried ``retries`` times in total, waiting
+    ``retry_wait_s * 2**k`` (at most ``MAX_WAIT_S``) after the k-th failure, then ``"unknown"``.
     """
 
     def __init__(
@@ -209,18 +223,21 @@ class OpenAIJudge:
         for attempt in range(1, self.retries + 1):
             try:
                 raw = self.transport(self.url, body, self.headers, self.timeout_s)
-                return str(json.loads(raw)["choices"][0]["message"]["content"])
+                content = json.loads(raw)["choices"][0]["message"]["content"]
+                if not isinstance(content, str) or not content.strip():
+                    raise ValueError(f"no reply text in the response (content={content!r:.60})")
+                return content
             except urllib.error.HTTPError as e:
                 if e.code in (401, 403):
                     raise JudgeError(
                         f"OpenAIJudge: {self.url} refused the credentials (HTTP {e.code})"
                     ) from e
                 error: Exception = e
-            except (OSError, ValueError, KeyError, IndexError, TypeError) as e:  # network, JSON, shape
-                error = e
+            except (OSError, http.client.HTTPException, ValueError, KeyError, IndexError, TypeError) as e:
+                error = e  # network and timeouts, a broken HTTP reply, a body that is not the JSON expected
             log.warning("judge request %d/%d to %s failed: %s", attempt, self.retries, self.url, error)
             if attempt < self.retries:
-                time.sleep(self.retry_wait_s)
+                time.sleep(min(self.retry_wait_s * 2 ** (attempt - 1), MAX_WAIT_S))
         return FAILED_REPLY
 
     def complete(self, requests: Sequence[JudgeRequest]) -> list[str]:

@@ -7,35 +7,29 @@
 
 Metrics per mode: answer accuracy (normalised exact match, the same function the ``rule`` RL scorer uses),
 box parse rate, mean IoU and detection accuracy at IoU > 0.5 (strict, as Visual-CoT), plus a bootstrap 95%
-interval of the accuracy. Writes ``predictions.jsonl`` and ``metrics.json`` under ``out_dir``.
+interval of the accuracy. Writes ``predictions.jsonl`` (appended mode by mode; a record whose image cannot
+be read is a skipped row, counted as ``skipped/<reason>``) and ``metrics.json`` under ``out_dir``.
 """
 
 from __future__ import annotations
 
-import json
-import random
 from collections.abc import Sequence
 from pathlib import Path
 
+from PIL import Image
+
+from visrl.benchmarks.base import Predictions, read_predictions, skip_row, skipped_counts
+from visrl.benchmarks.effects import bootstrap_ci, paired_bootstrap
 from visrl.benchmarks.metrics import exact_match
-from visrl.benchmarks.registry import register_benchmark
 from visrl.data.boxes import Box, iou
+from visrl.data.errors import InputError
 from visrl.data.images import crop_view, load_rgb, resolve, to_view
+from visrl.data.io import write_json_atomic
 from visrl.data.prompts import PromptTemplates
 from visrl.data.records import VisCoTRecord, read_viscot
 
 MODES = ("direct", "cot_gt", "cot_pred")
 FULL = Box(0.0, 0.0, 1.0, 1.0)
-
-
-def bootstrap_ci(values: Sequence[float], n: int = 1000, seed: int = 0) -> tuple[float, float]:
-    """Percentile bootstrap 95% interval of the mean."""
-    if not values:
-        return (0.0, 0.0)
-    rng = random.Random(seed)
-    k = len(values)
-    means = sorted(sum(values[rng.randrange(k)] for _ in range(k)) / k for _ in range(n))
-    return (means[int(0.025 * n)], means[int(0.975 * n) - 1])
 
 
 def summarize(rows: Sequence[dict], mode: str) -> dict[str, float]:
@@ -52,7 +46,6 @@ def summarize(rows: Sequence[dict], mode: str) -> dict[str, float]:
     return out
 
 
-@register_benchmark("synthetic")
 class SyntheticBenchmark:
     """Held-out synthetic test split, scored in ``modes``."""
 
@@ -60,46 +53,88 @@ class SyntheticBenchmark:
     version = "synthetic-1.0"
 
     def __init__(self, split_path: str | Path, image_root: str | Path | None = None, limit: int | None = None,
-                 modes: Sequence[str] = MODES, max_new_tokens: int = 24):
+                 modes: Sequence[str] = MODES, max_new_tokens: int = 24):  # fmt: skip
         bad = [m for m in modes if m not in MODES]
-        if bad:
+        if bad or not modes:
             raise ValueError(f"benchmark.modes: unknown {bad}; valid: {list(MODES)}")
         self.split_path = Path(split_path)
         self.image_root = Path(image_root) if image_root else self.split_path.parent
         self.limit, self.modes, self.max_new_tokens = limit, list(modes), max_new_tokens
 
+    @property
+    def headline(self) -> str:
+        """``cot_pred/accuracy`` (VisRL's two-step answer), else the last configured mode's accuracy."""
+        return f"{self._effect_mode}/accuracy"
+
+    @property
+    def _effect_mode(self) -> str:
+        return "cot_pred" if "cot_pred" in self.modes else self.modes[-1]
+
     def records(self) -> list[VisCoTRecord]:
         recs = read_viscot(self.split_path)
         return recs[: self.limit] if self.limit else recs
 
+    def _load(self, recs: list[VisCoTRecord]) -> tuple[list[VisCoTRecord], list[Image.Image], list[dict]]:
+        """The records whose image loads, their images, and a skipped row for each of the others."""
+        kept, images, skipped = [], [], []
+        for rec in recs:
+            path = resolve(self.image_root, rec.image_path)
+            try:
+                images.append(load_rgb(path))
+                kept.append(rec)
+            except FileNotFoundError as e:
+                reason = "image_missing" if not Path(path).is_file() else "image_unreadable"
+                skipped.append(skip_row(rec.uid, reason, path, rec.index, str(e), mode="skipped"))
+        return kept, images, skipped
+
     def evaluate(self, policy, templates: PromptTemplates, out_dir: Path) -> dict[str, float]:
-        out_dir = Path(out_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
+        """Score every record in every mode; rows are appended to predictions.jsonl mode by mode (a
+        resumed evaluation redoes only the modes not written yet)."""
+        preds = Predictions(Path(out_dir) / "predictions.jsonl", key=lambda r: (r["uid"], r["mode"]))
         bb = policy.backbone
-        recs = self.records()
-        images = [load_rgb(resolve(self.image_root, r.image_path)) for r in recs]
+        recs, images, skipped = self._load(self.records())
+        if not recs:
+            raise InputError(f"{self.split_path}: no record has a readable image ({len(skipped)} skipped)")
+        preds.add(skipped)
         gts = [r.box(im.size) for r, im in zip(recs, images)]
         fulls = [to_view(im, bb.image_size) for im in images]
-        rows: list[dict] = []
         metrics: dict[str, float] = {}
         for mode in self.modes:
-            boxes, texts, fails = self._boxes(mode, policy, templates, recs, images, fulls, gts)
-            if mode == "direct":
-                prompts = [templates.direct_prompt(r.question, f) for r, f in zip(recs, fulls)]
-            else:
-                crops = [crop_view(im, b, bb.image_size) for im, b in zip(images, boxes)]
-                prompts = [templates.answer_prompt(r.question, f, c) for r, f, c in zip(recs, fulls, crops)]
-            answers = [o[0] for o in policy.generate(prompts, max_new_tokens=self.max_new_tokens)]
-            mode_rows = [
-                self._row(mode, r, a, t, b, g, f, self.image_root)
-                for r, a, t, b, g, f in zip(recs, answers, texts, boxes, gts, fails)
-            ]
-            metrics.update(summarize(mode_rows, mode))
-            rows += mode_rows
-        with open(out_dir / "predictions.jsonl", "w") as fh:
-            fh.writelines(json.dumps(r) + "\n" for r in rows)
-        (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+            if any((r.uid, mode) not in preds.done for r in recs):
+                preds.add(self._mode_rows(mode, policy, templates, recs, images, fulls, gts))
+            by_uid = {r["uid"]: r for r in preds.rows if r["mode"] == mode}
+            metrics.update(summarize([by_uid[r.uid] for r in recs], mode))
+        if skipped:
+            metrics.update(skipped_counts(preds.rows))
+        write_json_atomic(Path(out_dir) / "metrics.json", metrics)
         return metrics
+
+    def _mode_rows(self, mode, policy, templates, recs, images, fulls, gts) -> list[dict]:
+        """One prediction row per record in ``mode``."""
+        bb = policy.backbone
+        boxes, texts, fails = self._boxes(mode, policy, templates, recs, images, fulls, gts)
+        if mode == "direct":
+            prompts = [templates.direct_prompt(r.question, f) for r, f in zip(recs, fulls)]
+        else:
+            crops = [crop_view(im, b, bb.image_size) for im, b in zip(images, boxes)]
+            prompts = [templates.answer_prompt(r.question, f, c) for r, f, c in zip(recs, fulls, crops)]
+        answers = [o[0] for o in policy.generate(prompts, max_new_tokens=self.max_new_tokens)]
+        return [
+            self._row(mode, r, a, t, b, g, f, self.image_root)
+            for r, a, t, b, g, f in zip(recs, answers, texts, boxes, gts, fails)
+        ]
+
+    def paired_effect(self, before: Path, after: Path, n: int = 2000, seed: int = 0) -> dict[str, dict]:
+        """Paired bootstrap of (after - before): answer accuracy and, for a mode with a box, detection
+        accuracy (IoU > 0.5), keyed ``<mode>/accuracy`` and ``<mode>/det_acc``."""
+        mode = self._effect_mode
+        keys = (("accuracy", "correct"),) + ((("det_acc", "iou"),) if mode != "direct" else ())
+        return {
+            f"{mode}/{metric}": paired_bootstrap(
+                _values(before, mode, key), _values(after, mode, key), n, seed
+            )
+            for metric, key in keys
+        }
 
     def _boxes(self, mode, policy, templates, recs, images, fulls, gts):
         """Boxes to crop per record, their text and parse failures (None when the box is fine)."""
@@ -120,7 +155,7 @@ class SyntheticBenchmark:
     @staticmethod
     def _row(mode, rec, answer, box_text, box, gt, failure, image_root) -> dict:
         return {
-            "uid": f"{rec.dataset}:{rec.split}:{rec.question_id}",
+            "uid": rec.uid,
             "mode": mode,
             "image": resolve(image_root, rec.image_path),
             "question": rec.question,
@@ -130,34 +165,14 @@ class SyntheticBenchmark:
             "box_text": box_text,
             "box": list(box.as_tuple()) if box is not None and failure is None else None,
             "gt_box": list(gt.as_tuple()),
-            "iou": iou(box, gt) if box is not None and failure is None else (0.0 if mode != "direct" else None),
+            "iou": iou(box, gt)
+            if box is not None and failure is None
+            else (0.0 if mode != "direct" else None),
             "parse_failure": failure,
         }
 
 
-def _correct_by_uid(eval_dir: Path, mode: str, key: str) -> dict[str, float]:
-    out = {}
-    with open(Path(eval_dir) / "predictions.jsonl") as fh:
-        for line in fh:
-            row = json.loads(line)
-            if row["mode"] == mode:
-                value = row[key]
-                out[row["uid"]] = float(value > 0.5) if key == "iou" else float(value)
-    return out
-
-
-def paired_bootstrap(before: Path, after: Path, mode: str = "cot_pred", n: int = 2000, seed: int = 0) -> dict:
-    """Paired bootstrap 95% interval of (after - before) for answer accuracy and detection accuracy.
-
-    Both evaluation dirs must hold ``predictions.jsonl`` of the same test items; items are resampled jointly.
-    """
-    result = {}
-    for metric, key in (("accuracy", "correct"), ("det_acc", "iou")):
-        a, b = _correct_by_uid(before, mode, key), _correct_by_uid(after, mode, key)
-        uids = sorted(set(a) & set(b))
-        diffs = [b[u] - a[u] for u in uids]
-        lo, hi = bootstrap_ci(diffs, n=n, seed=seed)
-        result[f"{mode}/{metric}"] = {"before": sum(a[u] for u in uids) / max(1, len(uids)),
-                                      "after": sum(b[u] for u in uids) / max(1, len(uids)),
-                                      "diff": sum(diffs) / max(1, len(diffs)), "ci95": [lo, hi], "n": len(uids)}
-    return result
+def _values(eval_dir: Path, mode: str, key: str) -> dict[str, float]:
+    """uid -> the 0/1 value of ``key`` (``iou`` as IoU > 0.5) for the rows of ``mode``."""
+    rows = [r for r in read_predictions(eval_dir) if r["mode"] == mode]
+    return {r["uid"]: float(r[key] > 0.5) if key == "iou" else float(r[key]) for r in rows}

@@ -33,88 +33,56 @@ backbones see images and crops through ``to_view``; a judge reply of ``"score: 0
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-from collections import Counter, defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from statistics import fmean
 from typing import Any
 
 from PIL import Image
 
+from visrl.benchmarks.base import Predictions, is_skipped, read_predictions, scored_rows, write_metrics
+from visrl.benchmarks.effects import paired_bootstrap
 from visrl.benchmarks.judge import Judge, JudgeRequest, build_judge, judge_answers
 from visrl.benchmarks.metrics import anls, exact_match
-from visrl.benchmarks.registry import register_benchmark
-from visrl.data.boxes import Box, BoxFormat, SqFloatFormat, crop_square, from_sq, iou, to_sq
-from visrl.data.images import open_rgb, to_view
+from visrl.benchmarks.viscot_data import ViscotItem, load_dataset, load_items, open_image, resolve_image
+from visrl.benchmarks.viscot_metrics import GROUPS, MEANS, SCORED_DATASETS, aggregate, results_markdown
+from visrl.data.boxes import Box, BoxFormat, ParseFailure, SqFloatFormat, crop_square, from_sq, iou, to_sq
+from visrl.data.images import to_view
+from visrl.data.io import write_text_atomic
 from visrl.data.prompts import Message, Prompt, PromptTemplates, fill, user
-from visrl.data.records import DetRecord, VisCoTRecord, join_det, read_det, read_viscot
+from visrl.data.records import DetRecord
 
 __all__ = [
     "GROUPS",
     "SCORED_DATASETS",
     "BoxReading",
     "VisCoTBenchmark",
+    "ViscotItem",
     "aggregate",
     "detection_iou",
+    "load_dataset",
     "load_items",
     "parse_published",
     "read_box",
+    "resolve_image",
+    "results_markdown",
 ]
 
 log = logging.getLogger(__name__)
 
-SCORED_DATASETS = ("docvqa", "textcap", "textvqa", "dude", "sroie", "infographicsvqa", "flickr30k", "gqa",
-                   "openimages", "vsr", "cub")  # fmt: skip
-GROUPS = {"text": ("docvqa", "textcap", "textvqa", "dude", "sroie"), "chart": ("infographicsvqa",),
-          "general": ("flickr30k",), "reasoning": ("gqa", "openimages", "vsr"), "fine_grained": ("cub",)}  # fmt: skip
 DET_SUFFIX = (
     ". Please provide the bounding box coordinate of the region that can help you answer the question better."
 )
 ANSWER_PREFIX = "<image>\nPlease answer the question based on the original image and local detail image."
 FULL_IMAGE = Box(0.0, 0.0, 1.0, 1.0)
-_PATH_ALIASES = (("cot/v7w/", "cot/visual7w/"), ("cot/visual7w/", "cot/v7w/"))
-# metric -> the per-record field it averages, per dataset
-_MEANS = {"det_acc": "det_correct", "mean_iou": "iou", "em": "em", "anls": "anls", "judge": "judge"}
 
-
-@dataclass(frozen=True)
-class ViscotItem:
-    """One question: the benchmark record, its detection row, and its position in the files."""
-
-    dataset: str
-    row: int
-    record: VisCoTRecord
-    det: DetRecord
-
-    @property
-    def uid(self) -> str:
-        return f"{self.dataset}:{self.row}"
-
-
-def load_items(root: Path | str, dataset: str, limit: int | None = None) -> list[ViscotItem]:
-    """The first ``limit`` rows of ``benchmark/<dataset>.json`` joined by row with ``benchmark_det``."""
-    root = Path(root)
-    paths = (root / "benchmark" / f"{dataset}.json", root / "benchmark_det" / f"{dataset}.jsonl")
-    for path in paths:
-        if not path.is_file():
-            raise FileNotFoundError(f"Visual-CoT benchmark: missing {path} (see docs/benchmarks.md)")
-    pairs = join_det(read_viscot(paths[0]), read_det(paths[1]))[:limit]
-    return [ViscotItem(dataset, row, rec, det) for row, (rec, det) in enumerate(pairs)]
-
-
-def resolve_image(root: Path, rel: str) -> Path:
-    """``root/rel``, or the other spelling of the v7w/visual7w folder when only that exists."""
-    candidates = [root / rel] + [
-        root / (new + rel[len(old) :]) for old, new in _PATH_ALIASES if rel.startswith(old)
-    ]
-    for path in candidates:
-        if path.is_file():
-            return path
-    raise FileNotFoundError(f"Visual-CoT image not found: tried {', '.join(map(str, candidates))}")
+# Published values beyond +-SQ_LIMIT padded-square sides are out_of_range (departure): such a box lies
+# outside the image or spans ~SQ_LIMIT sides on one axis, so its IoU with a box near the image stays
+# < 0.1 (detection unchanged) and its published crop is the whole image or an edge strip; read as
+# published, "1e308" overflowed to inf (a crash) and "1e20" gave a 0x0 crop.
+SQ_LIMIT = 100.0
 
 
 def parse_published(text: str) -> tuple[float, float, float, float] | None:
@@ -148,6 +116,8 @@ def read_box(fmt: BoxFormat, text: str, size: tuple[int, int]) -> BoxReading:
     lenient format parser finds a box. Other formats (Qwen, grid) go through ``fmt.parse`` and ``to_sq``."""
     if isinstance(fmt, SqFloatFormat):
         sq = parse_published(text)
+        if sq is not None and max(map(abs, sq)) > SQ_LIMIT:
+            return BoxReading(None, None, ParseFailure.OUT_OF_RANGE.value)
         if sq is not None:
             return BoxReading(sq, from_sq(sq, size), None)
         failure = fmt.parse(text, size).failure
@@ -174,81 +144,6 @@ def detection_iou(pred_sq: Sequence[float] | None, det: DetRecord) -> float:
     return iou(p, gt)
 
 
-def _mean_over(values: Mapping[str, float], names: Sequence[str]) -> float:
-    return fmean(values.get(n, 0.0) for n in names)  # a missing dataset counts 0.0, as published
-
-
-def aggregate(rows: Sequence[Mapping[str, Any]], datasets: Sequence[str]) -> dict[str, float]:
-    """Flat metrics from prediction rows: ``<ds>/<metric>``, ``overall/<metric>``, ``group/<g>/<metric>``.
-
-    Means: det_acc, mean_iou, em, anls, judge (when judged). Counts per dataset: n, parse_failures,
-    parse_failures/<reason>, gt_degenerate, judge_unparsed. ``overall`` = unweighted mean over the scored
-    datasets among ``datasets``; ``overall/det_acc_viscot_avg`` = the published quirk (zeros dropped).
-    """
-    by_ds: dict[str, list[Mapping[str, Any]]] = defaultdict(list)
-    for r in rows:
-        by_ds[r["dataset"]].append(r)
-    out: dict[str, float] = {}
-    means: dict[str, dict[str, float]] = defaultdict(dict)  # metric -> dataset -> mean
-    for ds in datasets:
-        rs = by_ds.get(ds, [])
-        if not rs:
-            raise ValueError(f"viscot.aggregate: no predictions for dataset {ds!r}")
-        for key, field in _MEANS.items():
-            if rs[0].get(field) is not None:
-                means[key][ds] = out[f"{ds}/{key}"] = fmean(float(r[field]) for r in rs)
-        fails = Counter(r["parse_failure"] for r in rs if r["parse_failure"])
-        out[f"{ds}/n"] = float(len(rs))
-        out[f"{ds}/parse_failures"] = float(sum(fails.values()))
-        out.update({f"{ds}/parse_failures/{k}": float(v) for k, v in sorted(fails.items())})
-        out[f"{ds}/gt_degenerate"] = float(sum(r["gt_degenerate"] for r in rs))
-        if rs[0].get("judge") is not None:
-            out[f"{ds}/judge_unparsed"] = float(sum(not r["judge_parsed"] for r in rs))
-    scored = [d for d in SCORED_DATASETS if d in datasets]
-    if scored:
-        out["overall/n_datasets"] = float(len(scored))
-        for key, per in means.items():
-            out[f"overall/{key}"] = _mean_over(per, scored)
-            for group, members in GROUPS.items():
-                present = [d for d in members if d in scored]
-                if present:
-                    out[f"group/{group}/{key}"] = _mean_over(per, present)
-        nonzero = [means["det_acc"][d] for d in scored if means["det_acc"][d]]
-        out["overall/det_acc_viscot_avg"] = fmean(nonzero) if nonzero else 0.0
-    return out
-
-
-def results_markdown(metrics: Mapping[str, float], datasets: Sequence[str]) -> str:
-    """Two markdown tables in the layout of ``tools/cot_get_result.py`` (answer scores to 3 decimals,
-    detection ×100 to 2 decimals) plus the detection-average note."""
-    keys = [k for k in ("judge", "em", "anls", "det_acc") if f"{datasets[0]}/{k}" in metrics]
-    label = {"judge": "Judge score", "em": "Exact match", "anls": "ANLS", "det_acc": "Det Acc@0.5 (×100)"}
-
-    def cell(key: str, value: float | None) -> str:
-        if value is None:
-            return "–"
-        return f"{100 * value:.2f}" if key == "det_acc" else f"{value:.3f}"
-
-    has_overall = "overall/n_datasets" in metrics
-    lines = ["| Metric | " + " | ".join(datasets) + (" | Average |" if has_overall else " |")]
-    lines.append("|---" * (len(datasets) + 1 + has_overall) + "|")
-    for k in keys:
-        row = [cell(k, metrics.get(f"{d}/{k}")) for d in datasets]
-        row += [cell(k, metrics.get(f"overall/{k}"))] if has_overall else []
-        lines.append(f"| {label[k]} | " + " | ".join(row) + " |")
-    if has_overall:
-        groups = [g for g in GROUPS if f"group/{g}/{keys[0]}" in metrics]
-        lines += ["", "| Metric | " + " | ".join(groups) + " | Average |", "|---" * (len(groups) + 2) + "|"]
-        for k in keys:
-            row = [cell(k, metrics.get(f"group/{g}/{k}")) for g in groups] + [
-                cell(k, metrics[f"overall/{k}"])
-            ]
-            lines.append(f"| {label[k]} | " + " | ".join(row) + " |")
-        lines += ["", f"Detection average as Visual-CoT prints it (datasets at exactly 0 dropped): "
-                      f"{100 * metrics['overall/det_acc_viscot_avg']:.3f}"]  # fmt: skip
-    return "\n".join(lines) + "\n"
-
-
 def _prediction_row(
     it: ViscotItem,
     image_size: tuple[int, int],
@@ -271,12 +166,6 @@ def _prediction_row(
     }  # fmt: skip
 
 
-def _write_jsonl(path: Path, rows: Sequence[Mapping[str, Any]]) -> None:
-    with open(path, "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in rows)
-
-
-@register_benchmark("viscot")
 class VisCoTBenchmark:
     """The Visual-CoT benchmark: box pass, answer pass, judge + rule answer scores, detection accuracy."""
 
@@ -332,9 +221,15 @@ class VisCoTBenchmark:
     def _run_chunk(
         self, policy: Any, templates: PromptTemplates, fmt: BoxFormat, chunk: list[ViscotItem]
     ) -> list[dict]:
-        """Both passes for a chunk of items; one prediction row per item (judge fields added later)."""
+        """Both passes for a chunk of items; one prediction row per item (judge fields added later), or a
+        skipped row for an item whose image cannot be read."""
         size = getattr(getattr(policy, "backbone", None), "image_size", None)
-        images = [open_rgb(resolve_image(self.root, it.record.image_path)) for it in chunk]
+        opened = [open_image(self.root, it) for it in chunk]
+        skipped = [o for o in opened if isinstance(o, dict)]
+        chunk = [it for it, o in zip(chunk, opened) if not isinstance(o, dict)]
+        images = [o for o in opened if not isinstance(o, dict)]
+        if not chunk:
+            return skipped
         views = [to_view(im, size) for im in images]
         prompts = [self.box_prompt(templates, it, v) for it, v in zip(chunk, views)]
         box_texts = [
@@ -349,7 +244,7 @@ class VisCoTBenchmark:
         preds = [
             o[0] for o in policy.generate(prompts, max_new_tokens=self.max_new_tokens_answer, temperature=0.0)
         ]
-        return [
+        return skipped + [
             _prediction_row(it, im.size, text, reading, crop_px, pred)
             for it, im, text, reading, (_, crop_px), pred in zip(
                 chunk, images, box_texts, parsed, crops, preds
@@ -357,36 +252,70 @@ class VisCoTBenchmark:
         ]
 
     def _score_with_judge(self, judge: Judge, rows: list[dict]) -> None:
+        rows = scored_rows(rows)
         requests = [JudgeRequest("<image>\n" + r["question"], r["answer"], r["pred"]) for r in rows]
-        for r, verdict in zip(rows, judge_answers(judge, requests)):
-            r.update(judge=verdict.score, judge_parsed=verdict.parsed, judge_reply=verdict.reply)
+        for r, verdict in zip(rows, judge_answers(judge, requests) if rows else []):
+            r.update(judge=verdict.score, judge_parsed=verdict.parsed, judge_reply=verdict.reply,
+                     judge_failed=verdict.failed)  # fmt: skip
+
+    def _run_dataset(self, ds: str, policy: Any, templates: PromptTemplates, fmt: BoxFormat,
+                     judge: Judge | None, preds: Predictions) -> list[str]:  # fmt: skip
+        """Evaluate the items of ``ds`` not yet in ``preds``, appending rows chunk by chunk; return
+        the uids of the dataset's rows (items and skipped)."""
+        items, skipped = load_dataset(self.root, ds, self.limit)
+        preds.add(skipped)
+        todo = [it for it in items if it.uid not in preds.done]
+        for start in range(0, len(todo), self.batch_size):
+            rows = self._run_chunk(policy, templates, fmt, todo[start : start + self.batch_size])
+            if judge is not None:
+                self._score_with_judge(judge, rows)
+            preds.add(rows)
+        by_uid = {r["uid"]: r for r in preds.rows}
+        odd = [it.uid for it in items if tuple(by_uid[it.uid].get("image_size", it.det.size)) != it.det.size]
+        if odd:  # scored in the det file's frame; crops use the canonical box (fine if only rescaled)
+            log.warning(
+                "viscot %s: %d images differ in size from benchmark_det (first %s)", ds, len(odd), odd[0]
+            )
+        log.info("viscot %s: %d questions, %d rows skipped", ds, len(items) + len(skipped),
+                 sum(is_skipped(by_uid[u]) for u in by_uid if u.startswith(f"{ds}:")))  # fmt: skip
+        return [it.uid for it in items] + [r["uid"] for r in skipped]
 
     def evaluate(self, policy: Any, templates: PromptTemplates, out_dir: Path) -> dict[str, float]:
-        """Run the protocol on every dataset; write predictions.jsonl, metrics.json and results.md."""
+        """Run the protocol on every dataset; predictions.jsonl is appended chunk by chunk (a resumed
+        evaluation does only the rest), then metrics.json and results.md are written."""
         fmt = self.box_format or getattr(getattr(policy, "backbone", None), "box_format", None)
         if fmt is None:
             raise ValueError("viscot: no box format (pass box_format=, or a policy with backbone.box_format)")
         judge = build_judge(self.judge_spec, policy)
-        rows: list[dict] = []
-        for ds in self.datasets:
-            items = load_items(self.root, ds, self.limit)
-            ds_rows = []
-            for start in range(0, len(items), self.batch_size):
-                ds_rows += self._run_chunk(policy, templates, fmt, items[start : start + self.batch_size])
-            odd = [r["uid"] for r, it in zip(ds_rows, items) if tuple(r["image_size"]) != it.det.size]
-            if odd:  # scored in the det file's frame; crops use the canonical box (fine if only rescaled)
-                log.warning(
-                    "viscot %s: %d images differ in size from benchmark_det (first %s)", ds, len(odd), odd[0]
-                )
-            log.info("viscot %s: %d questions answered", ds, len(items))
-            rows += ds_rows
         out_dir = Path(out_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        _write_jsonl(out_dir / "predictions.jsonl", rows)  # kept even if the judge fails below
-        if judge is not None:
-            self._score_with_judge(judge, rows)
-            _write_jsonl(out_dir / "predictions.jsonl", rows)
-        metrics = aggregate(rows, self.datasets)
-        (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
-        (out_dir / "results.md").write_text(results_markdown(metrics, self.datasets))
+        preds = Predictions(out_dir / "predictions.jsonl")
+        wanted: set[str] = set()
+        for ds in self.datasets:
+            wanted.update(self._run_dataset(ds, policy, templates, fmt, judge, preds))
+        files = {ds: self.root / "benchmark" / f"{ds}.json" for ds in self.datasets}
+        metrics = aggregate([r for r in preds.rows if r["uid"] in wanted], self.datasets, files)
+        write_metrics(out_dir, metrics)
+        write_text_atomic(out_dir / "results.md", results_markdown(metrics, self.datasets))
         return metrics
+
+    @property
+    def headline(self) -> str:
+        """``overall/judge`` (the published "GPT score") when a judge is configured, else ``overall/em``."""
+        judged = self.judge_spec not in (None, "none") and not (
+            isinstance(self.judge_spec, Mapping) and self.judge_spec.get("kind", "none") == "none"
+        )
+        return "overall/judge" if judged else "overall/em"
+
+    def paired_effect(self, before: Path, after: Path, n: int = 2000, seed: int = 0) -> dict[str, dict]:
+        """Paired bootstrap of (after - before) for ``overall/<metric>`` (det_acc, em, anls, judge when
+        both are judged): resampled within each dataset, the statistic the unweighted mean of the
+        dataset means, as ``overall`` is defined."""
+        rows_b, rows_a = read_predictions(before), read_predictions(after)
+        strata = {r["uid"]: r["dataset"] for r in rows_b}
+        out = {}
+        for key, field in MEANS.items():
+            b = {r["uid"]: float(r[field]) for r in rows_b if r.get(field) is not None}
+            a = {r["uid"]: float(r[field]) for r in rows_a if r.get(field) is not None}
+            if key != "mean_iou" and b and a:
+                out[f"overall/{key}"] = paired_bootstrap(b, a, n, seed, strata)
+        return out

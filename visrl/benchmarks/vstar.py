@@ -39,11 +39,28 @@ from typing import Any
 
 from PIL import Image
 
-from visrl.benchmarks.registry import register_benchmark
+from visrl.benchmarks.base import (
+    Predictions,
+    read_predictions,
+    scored_rows,
+    skip_row,
+    skipped_counts,
+    write_metrics,
+)
+from visrl.benchmarks.effects import paired_bootstrap
+from visrl.data.errors import InputError
 from visrl.data.images import open_rgb, to_view
 from visrl.data.prompts import Prompt, PromptTemplates, user
 
-__all__ = ["CATEGORIES", "POST_PROMPT", "VStarBenchmark", "VStarItem", "extract_letter", "load_vstar"]
+__all__ = [
+    "CATEGORIES",
+    "POST_PROMPT",
+    "VStarBenchmark",
+    "VStarItem",
+    "extract_letter",
+    "load_vstar",
+    "load_vstar_rows",
+]
 
 CATEGORIES = ("direct_attributes", "relative_position")
 POST_PROMPT = "\nAnswer with the option's letter from the given choices directly."
@@ -64,42 +81,78 @@ class VStarItem:
     options: tuple[str, ...]
 
 
+class MissingImageError(InputError):
+    """A V* annotation without its image beside it."""
+
+
 def _read_item(json_path: Path, category: str) -> VStarItem:
+    """One annotation; an unusable one is an InputError naming the file and the field."""
     try:
-        data = json.loads(json_path.read_text())
-    except (OSError, ValueError) as e:
-        raise ValueError(f"{json_path}: cannot read V* annotation: {e}") from e
+        data = json.loads(json_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:  # ValueError covers JSON and UTF-8 decoding errors
+        raise InputError(f"{json_path}: cannot read V* annotation: {e}") from e
     if not isinstance(data, dict):
-        raise ValueError(f"{json_path}: expected a JSON object, got {type(data).__name__}")
+        raise InputError(f"{json_path}: expected a JSON object, got {type(data).__name__}")
     question, options = data.get("question"), data.get("options")
     if not isinstance(question, str) or not question:
-        raise ValueError(f"{json_path}: field 'question' must be a non-empty string")
+        raise InputError(f"{json_path}: field 'question' must be a non-empty string")
     if not isinstance(options, list) or not 2 <= len(options) <= len(LETTERS):
-        raise ValueError(f"{json_path}: field 'options' must be a list of 2..{len(LETTERS)} strings")
+        raise InputError(f"{json_path}: field 'options' must be a list of 2..{len(LETTERS)} strings")
     if not all(isinstance(o, str) for o in options):
-        raise ValueError(f"{json_path}: field 'options' holds a non-string entry")
+        raise InputError(f"{json_path}: field 'options' holds a non-string entry")
     images = [json_path.with_suffix(s) for s in IMAGE_SUFFIXES if json_path.with_suffix(s).is_file()]
     if not images:
-        raise FileNotFoundError(
+        raise MissingImageError(
             f"{json_path}: no image {json_path.stem}{{{','.join(IMAGE_SUFFIXES)}}} beside it"
         )
     return VStarItem(f"{category}/{json_path.stem}", category, images[0], question, tuple(options))
 
 
-def load_vstar(
-    root: Path | str, categories: Sequence[str] = CATEGORIES, limit: int | None = None
-) -> list[VStarItem]:
-    """The V* questions under ``root`` (sorted by file name within each category, ``limit`` per category)."""
-    items: list[VStarItem] = []
+def _annotation_files(
+    root: Path | str, categories: Sequence[str], limit: int | None
+) -> list[tuple[Path, str]]:
+    files: list[tuple[Path, str]] = []
     for category in categories:
         folder = Path(root) / category
         if not folder.is_dir():
-            raise FileNotFoundError(f"V* root {root}: missing folder {category}/ (see docs/benchmarks.md)")
-        files = sorted(folder.glob("*.json"))
-        if not files:
-            raise FileNotFoundError(f"V* root {root}: no *.json annotations in {folder}")
-        items += [_read_item(p, category) for p in files[:limit]]
-    return items
+            raise InputError(f"V* root {root}: missing folder {category}/ (see docs/benchmarks.md)")
+        found = sorted(folder.glob("*.json"))
+        if not found:
+            raise InputError(f"V* root {root}: no *.json annotations in {folder}")
+        files += [(p, category) for p in found[:limit]]
+    return files
+
+
+def load_vstar(
+    root: Path | str, categories: Sequence[str] = CATEGORIES, limit: int | None = None
+) -> list[VStarItem]:
+    """The V* questions under ``root`` (sorted by file name within each category, ``limit`` per category);
+    the first unusable annotation raises its InputError."""
+    return [_read_item(p, c) for p, c in _annotation_files(root, categories, limit)]
+
+
+def load_vstar_rows(
+    root: Path | str, categories: Sequence[str] = CATEGORIES, limit: int | None = None
+) -> tuple[list[VStarItem], list[dict]]:
+    """:func:`load_vstar` for evaluation: usable items, and a skipped row for each other annotation."""
+    items, skipped = [], []
+    for path, category in _annotation_files(root, categories, limit):
+        try:
+            items.append(_read_item(path, category))
+        except InputError as e:
+            reason = "image_missing" if isinstance(e, MissingImageError) else "bad_record"
+            skipped.append(skip_row(f"{category}/{path.stem}", reason, path, None, str(e),
+                                    protocol="skipped", category=category))  # fmt: skip
+    return items, skipped
+
+
+def _open(item: VStarItem, size: int | None) -> Image.Image | dict:
+    """The item's view, or its skipped row when the image cannot be read."""
+    try:
+        return to_view(open_rgb(item.image_path), size)
+    except FileNotFoundError as e:
+        return skip_row(item.uid, "image_unreadable", item.image_path, None, str(e),
+                        protocol="skipped", category=item.category)  # fmt: skip
 
 
 def option_order(uid: str, n: int, seed: int, shuffle: bool) -> list[int]:
@@ -137,7 +190,6 @@ def extract_letter(response: str, n_options: int) -> str | None:
     return None
 
 
-@register_benchmark("vstar")
 class VStarBenchmark:
     """V* Bench with the original likelihood protocol and/or the lmms-eval generation protocol."""
 
@@ -211,32 +263,60 @@ class VStarBenchmark:
             )
         return rows
 
-    def evaluate(self, policy: Any, templates: PromptTemplates, out_dir: Path) -> dict[str, float]:
-        """Score every question with each protocol; write predictions.jsonl and metrics.json."""
-        items = load_vstar(self.root, self.categories, self.limit)
+    def _chunk_rows(self, policy: Any, templates: PromptTemplates, items: list[VStarItem]) -> list[dict]:
+        """Rows of every protocol for ``items`` (skipped rows for unreadable images)."""
         size = getattr(getattr(policy, "backbone", None), "image_size", None)
-        rows: list[dict] = []
-        for start in range(0, len(items), self.batch_size):
-            chunk = [
-                (it, to_view(open_rgb(it.image_path), size)) for it in items[start : start + self.batch_size]
-            ]
-            results: dict[str, list[dict]] = {}
-            if "likelihood" in self.protocols:
-                results["likelihood"] = self._likelihood(policy, templates, chunk)
-            if "generation" in self.protocols:
-                results["generation"] = self._generation(policy, templates, chunk)
-            for protocol, outs in results.items():
-                for (item, _), out in zip(chunk, outs):
-                    head = {"uid": item.uid, "protocol": protocol, "category": item.category}
-                    rows.append({**head, "question": item.question, "options": list(item.options), **out,
-                                 "correct": out["choice"] == 0})  # fmt: skip
-        metrics = self.aggregate(rows)
-        out_dir = Path(out_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        with open(out_dir / "predictions.jsonl", "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in rows)
-        (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+        opened = [(it, _open(it, size)) for it in items]
+        rows = [o for _, o in opened if isinstance(o, dict)]
+        chunk = [(it, o) for it, o in opened if not isinstance(o, dict)]
+        if not chunk:
+            return rows
+        results: dict[str, list[dict]] = {}
+        if "likelihood" in self.protocols:
+            results["likelihood"] = self._likelihood(policy, templates, chunk)
+        if "generation" in self.protocols:
+            results["generation"] = self._generation(policy, templates, chunk)
+        for protocol, outs in results.items():
+            for (item, _), out in zip(chunk, outs):
+                head = {"uid": item.uid, "protocol": protocol, "category": item.category}
+                rows.append({**head, "question": item.question, "options": list(item.options), **out,
+                             "correct": out["choice"] == 0})  # fmt: skip
+        return rows
+
+    def evaluate(self, policy: Any, templates: PromptTemplates, out_dir: Path) -> dict[str, float]:
+        """Score every question with each protocol; predictions.jsonl is appended chunk by chunk (a
+        resumed evaluation does only the rest), then metrics.json is written."""
+        items, skipped = load_vstar_rows(self.root, self.categories, self.limit)
+        preds = Predictions(Path(out_dir) / "predictions.jsonl", key=lambda r: (r["uid"], r["protocol"]))
+        preds.add(skipped)
+        todo = [it for it in items if any((it.uid, p) not in preds.done for p in self.protocols)]
+        for start in range(0, len(todo), self.batch_size):
+            preds.add(self._chunk_rows(policy, templates, todo[start : start + self.batch_size]))
+        wanted = {it.uid for it in items} | {r["uid"] for r in skipped}
+        rows = [r for r in preds.rows if r["uid"] in wanted and r["protocol"] in (*self.protocols, "skipped")]
+        if not scored_rows(rows):
+            raise InputError(f"V* root {self.root}: nothing scorable ({len(rows)} questions skipped)")
+        metrics = self.aggregate(scored_rows(rows))
+        if len(scored_rows(rows)) < len(rows):
+            metrics.update(skipped_counts(rows))
+        write_metrics(Path(out_dir), metrics)
         return metrics
+
+    @property
+    def headline(self) -> str:
+        """The first configured protocol's overall accuracy (``likelihood/accuracy`` by default)."""
+        return f"{self.protocols[0]}/accuracy"
+
+    def paired_effect(self, before: Path, after: Path, n: int = 2000, seed: int = 0) -> dict[str, dict]:
+        """Paired bootstrap of (after - before) of ``<protocol>/accuracy`` for each protocol."""
+        out = {}
+        for protocol in self.protocols:
+            b, a = (
+                {r["uid"]: float(r["correct"]) for r in read_predictions(d) if r["protocol"] == protocol}
+                for d in (before, after)
+            )
+            out[f"{protocol}/accuracy"] = paired_bootstrap(b, a, n, seed)
+        return out
 
     def aggregate(self, rows: Sequence[dict]) -> dict[str, float]:
         """``{protocol}/accuracy`` (micro over all questions), ``{protocol}/{category}/accuracy``, counts,

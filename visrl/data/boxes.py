@@ -309,6 +309,9 @@ def _shift_inside(c: float, r: float, limit: int) -> float:
     return c
 
 
+_FAR_SIDES = 1e6  # px coordinates further out than this many image sides are clipped (crop_square)
+
+
 def crop_square(
     image: Image.Image, box: Box, min_half_px: int = 112
 ) -> tuple[Image.Image, tuple[int, int, int, int]]:
@@ -322,8 +325,12 @@ def crop_square(
     if min_half_px < 1:
         raise ValueError(f"min_half_px must be >= 1 so the crop is never empty, got {min_half_px}")
     w, h = _image_size(image)
-    x1, y1, x2, y2 = to_px(box, (w, h))
-    r = max((x2 - x1) // 2, (y2 - y1) // 2, min_half_px)
+    m = max(w, h)
+    # Coordinates beyond +-_FAR_SIDES image sides are clipped and the half side is capped at m / 2: a
+    # square of half side >= m / 2 is the whole image either way, and without the cap float rounding
+    # (w - r + r == 0 for r ~ 1e19) made a 0x0 crop out of "[0, 0, 1e20, 1e20]".
+    x1, y1, x2, y2 = (min(max(v, -_FAR_SIDES * m), _FAR_SIDES * m) for v in to_px(box, (w, h)))
+    r = min(max((x2 - x1) // 2, (y2 - y1) // 2, min_half_px), m / 2)
     cx = _shift_inside((x1 + x2) // 2, r, w)
     cy = _shift_inside((y1 + y2) // 2, r, h)
     px = (int(max(0, cx - r)), int(max(0, cy - r)), int(min(w, cx + r)), int(min(h, cy + r)))
@@ -340,6 +347,7 @@ class ParseFailure(str, Enum):
     NOT_A_NUMBER = "not_a_number"  # a list entry is not a finite ASCII number (nan, inf, 1e309, words)
     OUT_OF_RANGE = "out_of_range"  # a value outside the frame's range
     DEGENERATE = "degenerate"  # no area left once corners are ordered and clipped to the image
+    NO_FRAME = "no_frame"  # the image has no frame in this format (Qwen2.5-VL: aspect ratio > 200)
 
 
 @dataclass(frozen=True)
@@ -552,7 +560,10 @@ class Qwen25VLFormat:
         return _four_from(match.group(1), integer=False) if match else _bracket_list(text, False)
 
     def parse(self, text: str, size: Size) -> ParseResult:
-        rw, rh = self.resized(size)
+        try:
+            rw, rh = self.resized(size)
+        except ValueError:  # smart_resize refuses aspect ratios > 200: no box can be read in that frame
+            return ParseResult(None, ParseFailure.NO_FRAME, text if isinstance(text, str) else "")
         return _parse(text, self._extract, rw, rh, self.slack, lambda v: from_qwen25vl(v, (rw, rh)))
 
 

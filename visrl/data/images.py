@@ -20,7 +20,7 @@ def open_rgb(path: str | Path) -> Image.Image:
     try:
         with Image.open(path) as im:
             return im.convert("RGB")
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, Image.DecompressionBombError) as e:  # missing, not an image, truncated
         raise FileNotFoundError(f"cannot read image {path}: {e}") from e
 
 

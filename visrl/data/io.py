@@ -16,8 +16,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from visrl.data.errors import InputError
 
-class UnreadableFileError(ValueError):
+
+class UnreadableFileError(InputError):
     """A run file that cannot be parsed; the message names the file and how to recover."""
 
 
@@ -54,13 +56,16 @@ def write_json_atomic(path: Path | str, obj: Any) -> None:
     write_text_atomic(path, json.dumps(obj, indent=2))
 
 
-def read_json(path: Path | str) -> Any:
-    """The JSON value of ``path``; an empty or broken file raises :class:`UnreadableFileError` naming it."""
+def read_json(path: Path | str, recover: Path | str | None = None) -> Any:
+    """The JSON value of ``path``; an empty or broken file raises :class:`UnreadableFileError` naming it and
+    what to delete to recompute it (``recover``: the step folder that wrote it; default the file itself)."""
     path = Path(path)
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise UnreadableFileError(f"{path}: unreadable JSON ({exc}); delete it to recompute it") from exc
+        raise UnreadableFileError(
+            f"{path}: unreadable JSON ({exc}); delete {recover or path} and re-run to recompute it"
+        ) from exc
 
 
 def json_object(line: str, where: str) -> dict[str, Any]:

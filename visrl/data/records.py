@@ -7,7 +7,8 @@ preference pairs in LLaMA-Factory's sharegpt ranking layout. Schemas: ``shared/n
 Every record keeps the object it was read from (``raw``, key order included) and writers re-emit exactly
 that, so reading and writing a file is lossless (``write_viscot`` with the file's indent reproduces the
 benchmark files byte for byte). The typed fields are views of ``raw``, validated on read: malformed input
-raises ``ValueError`` naming the file, the record index and the field. New records are built with
+raises :class:`~visrl.data.errors.InputError` (a ``ValueError``), one line naming the file, the record
+index and the field; a file that is not UTF-8 JSON, or empty, is named the same way. New records are built with
 ``make_viscot_record`` / ``make_preference_record``, which go through the same validation.
 """
 
@@ -16,12 +17,13 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from visrl.data.boxes import Box, from_px, sq_text
+from visrl.data.errors import InputError
 from visrl.data.io import write_text_atomic
 
 IMAGE_PREFIX = "<image>\n"
@@ -35,10 +37,11 @@ _SUFFIX_RE = re.compile(r"(?P<path>.*)###\[(?P<box>[^\[\]]*)\]", re.DOTALL)
 # Path spellings that differ between a benchmark file and its detection file (visual7w.json says
 # cot/v7w/, visual7w.jsonl says cot/visual7w/).
 _PATH_ALIASES = (("cot/visual7w/", "cot/v7w/"),)
+T = TypeVar("T")
 
 
-def _error(source: str, index: int, fieldname: str, message: str) -> ValueError:
-    return ValueError(f"{source}: record {index}: field '{fieldname}': {message}")
+def _error(source: str, index: int, fieldname: str, message: str) -> InputError:
+    return InputError(f"{source}: record {index}: field '{fieldname}': {message}")
 
 
 def _get(raw: Mapping[str, Any], key: str, kind: type | tuple[type, ...], source: str, index: int) -> Any:
@@ -62,19 +65,29 @@ def _turn(turn: Any, role: str, source: str, index: int, fieldname: str) -> str:
     return value
 
 
-def _load_json_list(path: Path) -> list[Any]:
+def _read_text(path: Path) -> str:
+    """The file's UTF-8 text; a missing, unreadable or non-UTF-8 file is an InputError naming it."""
     try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise InputError(f"{path}: not a UTF-8 text file (byte {e.start}: {e.reason})") from e
+    except OSError as e:
+        raise InputError(f"{path}: cannot read: {e.strerror or e}") from e
+
+
+def load_json_list(path: Path | str) -> list[Any]:
+    """The JSON list in ``path``; anything else (empty, not JSON, not a list) is an InputError naming it."""
+    path = Path(path)
+    text = _read_text(path)
+    if not text.strip():
+        raise InputError(f"{path}: empty file (expected a JSON list of records)")
+    try:
+        data = json.loads(text)
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON: {e}") from e
+        raise InputError(f"{path}: not valid JSON: {e}") from e
     if not isinstance(data, list):
-        raise ValueError(f"{path}: expected a JSON list of records, got {type(data).__name__}")
+        raise InputError(f"{path}: expected a JSON list of records, got {type(data).__name__}")
     return data
-
-
-
-
 
 
 def _with_extra(base: dict[str, Any], extra: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -144,6 +157,11 @@ class VisCoTRecord:
         """Keys beyond the VisCoT schema (e.g. written by the synthetic generator)."""
         return {k: v for k, v in self.raw.items() if k not in _VISCOT_KEYS}
 
+    @property
+    def uid(self) -> str:
+        """The question's one id across data, rollouts, pairs and predictions: ``dataset:split:question_id``."""
+        return f"{self.dataset}:{self.split}:{self.question_id}"
+
     def box(self, size: tuple[int, int]) -> Box | None:
         """The ``###`` pixel box in the canonical frame (needs the original ``(W, H)``)."""
         return None if self.box_px is None else from_px(self.box_px, size)
@@ -165,7 +183,24 @@ def _suffix_box(entry: str, source: str, index: int) -> tuple[float, float, floa
 def read_viscot(path: str | Path) -> list[VisCoTRecord]:
     """Read a Visual-CoT list JSON (benchmark file, ``viscot_363k.json``-shaped, or synthetic split)."""
     path = Path(path)
-    return [VisCoTRecord.from_raw(raw, str(path), i) for i, raw in enumerate(_load_json_list(path))]
+    return [VisCoTRecord.from_raw(raw, str(path), i) for i, raw in enumerate(load_json_list(path))]
+
+
+def _each(parse: Callable[[Any, int], T], raws: Sequence[Any]) -> list[T | InputError]:
+    out: list[T | InputError] = []
+    for i, raw in enumerate(raws):
+        try:
+            out.append(raw if isinstance(raw, InputError) else parse(raw, i))
+        except InputError as e:
+            out.append(e)
+    return out
+
+
+def read_viscot_rows(path: str | Path) -> list[VisCoTRecord | InputError]:
+    """:func:`read_viscot` for evaluation: a record that cannot be used is its :class:`InputError` in
+    place (so one bad record costs one question); a file that is not a JSON list still raises."""
+    path = Path(path)
+    return _each(lambda raw, i: VisCoTRecord.from_raw(raw, str(path), i), load_json_list(path))
 
 
 def write_viscot(records: Iterable[VisCoTRecord], path: str | Path, indent: int | None = 4) -> None:
@@ -265,19 +300,32 @@ class DetRecord:
         return from_px(self.bbox, self.size)
 
 
+def _det_raws(path: Path) -> list[Any]:
+    """The JSON value of each non-blank line; a line that is not JSON is its InputError in place."""
+    raws: list[Any] = []
+    for line_no, line in enumerate(_read_text(path).split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            raws.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            raws.append(InputError(f"{path}: record {len(raws)} (line {line_no}): not valid JSON: {e}"))
+    return raws
+
+
+def read_det_rows(path: str | Path) -> list[DetRecord | InputError]:
+    """:func:`read_det` with each unusable row as its :class:`InputError` in place."""
+    path = Path(path)
+    return _each(lambda raw, i: DetRecord.from_raw(raw, str(path), i), _det_raws(path))
+
+
 def read_det(path: str | Path) -> list[DetRecord]:
     """Read a detection JSONL; blank lines are skipped, the record index counts non-blank rows."""
-    path, rows = Path(path), []
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                raw = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}: record {len(rows)} (line {line_no}): not valid JSON: {e}") from e
-            rows.append(DetRecord.from_raw(raw, str(path), len(rows)))
-    return rows
+    rows = read_det_rows(path)
+    for row in rows:
+        if isinstance(row, InputError):
+            raise row
+    return rows  # type: ignore[return-value]
 
 
 def write_det(records: Iterable[DetRecord], path: str | Path) -> None:
@@ -292,6 +340,11 @@ def _canonical_path(path: str) -> str:
     return path
 
 
+def same_image(record_path: str, det_path: str) -> bool:
+    """Whether a benchmark record and a detection row name the same image (v7w/visual7w spellings equal)."""
+    return _canonical_path(record_path) == _canonical_path(det_path)
+
+
 def join_det(
     records: Sequence[VisCoTRecord], dets: Sequence[DetRecord]
 ) -> list[tuple[VisCoTRecord, DetRecord]]:
@@ -300,10 +353,10 @@ def join_det(
     rec_src = records[0].source if records else MEMORY
     det_src = dets[0].source if dets else MEMORY
     if len(records) != len(dets):
-        raise ValueError(f"{rec_src} has {len(records)} records but {det_src} has {len(dets)} rows")
+        raise InputError(f"{rec_src} has {len(records)} records but {det_src} has {len(dets)} rows")
     for row, (rec, det) in enumerate(zip(records, dets)):
-        if _canonical_path(rec.image_path) != _canonical_path(det.img_path):
-            raise ValueError(
+        if not same_image(rec.image_path, det.img_path):
+            raise InputError(
                 f"row {row}: {rec_src} image {rec.image_path!r} != {det_src} img_path {det.img_path!r}"
             )
     return list(zip(records, dets))
@@ -377,7 +430,7 @@ def make_preference_record(
 
 def read_pairs(path: str | Path) -> list[PreferenceRecord]:
     path = Path(path)
-    return [PreferenceRecord.from_raw(raw, str(path), i) for i, raw in enumerate(_load_json_list(path))]
+    return [PreferenceRecord.from_raw(raw, str(path), i) for i, raw in enumerate(load_json_list(path))]
 
 
 def write_pairs(records: Iterable[PreferenceRecord], path: str | Path, indent: int | None = 2) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from visrl.data.errors import InputError
 from visrl.data.records import read_viscot
 
 
@@ -28,17 +29,22 @@ class VisCoTFiles:
         out: dict[str, Path] = {}
         root = Path(self.image_root)
         if not root.is_dir():
-            raise FileNotFoundError(f"data.image_root={root} is not a directory")
+            raise InputError(f"data.image_root={root} is not a directory")
         for name, path in splits.items():
             if path is None:
                 continue
             path = Path(path)
             if not path.is_file():
-                raise FileNotFoundError(f"data.{name}={path} does not exist")
-            records = read_viscot(path)  # raises naming the file, record and field on bad input
+                raise InputError(f"data.{name}={path} does not exist")
+            records = read_viscot(path)  # InputError naming the file, record and field on bad input
+            if not records:
+                raise InputError(f"data.{name}={path}: no records (an empty list)")
             if name == "sft":
                 missing = [i for i, r in enumerate(records) if r.box_px is None]
                 if missing:
-                    raise ValueError(f"{path}: SFT records {missing[:5]} have no '###[x1, y1, x2, y2]' box")
+                    raise InputError(
+                        f"{path}: records {missing[:5]} (of {len(missing)}) field 'image[1]': missing the "
+                        "'###[x1, y1, x2, y2]' box the SFT split needs"
+                    )
             out[name] = path
         return out
