@@ -17,7 +17,6 @@ import torch
 from omegaconf import OmegaConf
 
 from visrl.data.boxes import GridFormat
-from visrl.data.hashing import question_uid
 from visrl.data.prompts import PromptTemplates
 from visrl.data.records import read_viscot
 from visrl.data.synthetic import PATTERNS, SplitSizes, SyntheticDataset
@@ -119,7 +118,7 @@ def test_batched_generation_one_call_per_step_and_parse_failures(world, tmp_path
     rows = run(world, tmp_path / "c.jsonl", policy)
     assert len(rows) == 10 * CFG.n_boxes
     assert [(r.question_index, r.cand) for r in rows] == [(q, c) for q in range(10) for c in range(4)]
-    assert [r.uid for r in rows[::4]] == [question_uid(rec) for rec in world.records]
+    assert [r.uid for r in rows[::4]] == [rec.uid for rec in world.records]
     # 3 chunks (4, 4, 2 questions): each ONE batched box call and ONE answer call, nothing per candidate
     assert [(c["n"], c["r"], c["images"]) for c in policy.calls[::2]] == [
         (4, 4, {1}),
@@ -206,7 +205,7 @@ def test_repeated_boxes_are_crop_scored_once(world, tmp_path):
 
 
 def test_records_boxes_are_never_read(world, tmp_path):
-    stripped = [RolloutQuestion(question_uid(r), r.question, r.answer, r.image_path) for r in world.records]
+    stripped = [RolloutQuestion(r.uid, r.question, r.answer, r.image_path) for r in world.records]
     a = run(world, tmp_path / "a.jsonl", records=world.records)
     b = run(world, tmp_path / "b.jsonl", records=stripped)
     assert a == b

@@ -1,4 +1,4 @@
-"""Ids and content digests of data: the question uid, config cache keys, encoded-row fingerprints.
+"""Content digests of data: config cache keys, question lists, encoded-row fingerprints.
 
 One place for them, so that two caches never disagree on what "the same data" means. Model weights and
 processors are fingerprinted by the models package (they are not data).
@@ -14,15 +14,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from visrl.data.records import VisCoTRecord
 from visrl.data.rows import Row
 
-__all__ = ["cache_key", "hash_tensor", "question_uid", "rows_fingerprint", "text_sha256"]
-
-
-def question_uid(record: VisCoTRecord) -> str:
-    """The one question id, ``"<dataset>:<split>:<question_id>"`` (candidates, pairs, SFT rows, stats)."""
-    return f"{record.dataset}:{record.split}:{record.question_id}"
+__all__ = ["cache_key", "hash_tensor", "rows_fingerprint", "text_sha256"]
 
 
 def text_sha256(text: str) -> str:

@@ -18,7 +18,6 @@ from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
-from visrl.data.hashing import question_uid
 from visrl.data.images import crop_view, load_rgb, resolve, to_view
 from visrl.data.prompts import PromptTemplates
 from visrl.data.records import VisCoTRecord
@@ -46,15 +45,14 @@ def sft_rows(
         box = rec.box(image.size)
         box_text = fmt.format(box, image.size)
         full = to_view(image, size)
-        uid = question_uid(rec)
         if "box" in steps:
             prompt = enc.encode_prompt(templates.box_prompt(rec.question, full))
-            rows.append(Row(prompt, (enc.encode_completion(box_text),), "box", uid))
+            rows.append(Row(prompt, (enc.encode_completion(box_text),), "box", rec.uid))
         if "answer" in steps:
             written = fmt.parse(box_text, image.size)
             crop = crop_view(image, written.box if written.ok else box, size)
             prompt = enc.encode_prompt(templates.answer_prompt(rec.question, full, crop))
-            rows.append(Row(prompt, (enc.encode_completion(rec.answer),), "answer", uid))
+            rows.append(Row(prompt, (enc.encode_completion(rec.answer),), "answer", rec.uid))
     return rows
 
 

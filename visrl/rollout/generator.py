@@ -47,7 +47,7 @@ import torch
 from PIL import Image
 
 from visrl.data.boxes import Box, BoxFormat, Size
-from visrl.data.hashing import question_uid, text_sha256
+from visrl.data.hashing import text_sha256
 from visrl.data.images import crop_view, load_rgb, resolve, to_view
 from visrl.data.io import append_lines
 from visrl.data.prompts import PromptTemplates
@@ -136,7 +136,7 @@ def as_questions(questions: Sequence[VisCoTRecord | RolloutQuestion]) -> list[Ro
     return [
         q
         if isinstance(q, RolloutQuestion)
-        else RolloutQuestion(question_uid(q), q.question, q.answer, q.image_path)
+        else RolloutQuestion(q.uid, q.question, q.answer, q.image_path)
         for q in questions
     ]
 

@@ -18,7 +18,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from visrl.data.boxes import Box, ParseFailure, iou
-from visrl.data.hashing import question_uid
 from visrl.data.records import VisCoTRecord
 from visrl.rollout.candidates import Candidate
 from visrl.rollout.filter import FilterDecision, count_reasons
@@ -84,7 +83,7 @@ def _gt_boxes(candidates: Sequence[Candidate], records: Sequence[VisCoTRecord]) 
             continue
         if q >= len(records):
             raise ValueError(f"stats: candidate question_index {q} but only {len(records)} records given")
-        uid = question_uid(records[q])
+        uid = records[q].uid
         if uid != c.uid:
             raise ValueError(f"stats: record {q} is {uid!r} but the candidates of question {q} are {c.uid!r}")
         box = records[q].box(tuple(c.image_size))
