@@ -5,8 +5,9 @@ assistant. Each turn holds text pieces and PIL images in order, so templates dec
 go (``<image>`` markers) without any backbone knowing about VisRL.
 
 Templates are configuration (``conf/prompt/*.yaml``): the reference wording (``visrl``) is kept
-verbatim; the tiny backbones use a question-first layout (see ``shared/notes/toy-scale-findings.md``:
-with the image first a from-scratch tiny model sits on a plateau).
+verbatim; the tiny backbones use a question-first layout (measured at toy scale: with the image first, a
+from-scratch tiny model sits on a loss plateau, since it must carry the image tokens until the question tells
+it what to look for).
 """
 
 from __future__ import annotations
@@ -95,8 +96,9 @@ class PromptTemplates:
         return [user(self.direct, [image], question=question)]
 
 
-# The reference wording (VisRL data_gen/generate.py, visrl_stage2/data/aligner.py); see
-# shared/notes/reference-method.md §1.
+# The reference wording, verbatim: RL generation (VisRL data_gen/generate.py) and stage-2 DPO
+# (visrl_stage2/data/aligner.py) share the step-1 prompt; step 2 appends "\n<image>" for the crop, with the
+# images in the order [full image, crop].
 VISRL_SUFFIX = (
     " Please first provide the bounding box coordinate of the region, then refer to the "
     "corresponding sub-image to answer the question better."
