@@ -1,4 +1,5 @@
-"""Base-model preparation of tiny backbones (visrl/training/base_prep.py, ``visrl.pipeline.prepare_base``).
+"""Base-model preparation of tiny backbones (visrl/data/skills.py, visrl/benchmarks/skills.py,
+visrl/training/base_prep.py, ``visrl.pipeline.prepare_base``).
 
 The stand-in for the pretrained LMM VisRL starts from (paper §4 uses Qwen2-VL / LLaVA-1.5) must teach only
 generic skills, never the CoT task itself, and must be cached exactly as long as its recipe is unchanged:
@@ -34,14 +35,17 @@ from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
 import visrl.pipeline as pipeline
+from visrl.benchmarks.skills import evaluate_base
 from visrl.data.boxes import GridFormat
+from visrl.data.hashing import cache_key
 from visrl.data.prompts import IMAGE_MARKER, VISRL_SUFFIX, Prompt, PromptTemplates
 from visrl.data.records import VISCOT_SUFFIX
+from visrl.data.skills import BaseSkills, base_rows
 from visrl.data.synthetic import COLOURS, PATTERNS, SHAPES, WorldConfig
 from visrl.logging.run_logger import RunLogger
 from visrl.models.backbone import Backbone
 from visrl.models.tiny import build_tiny
-from visrl.training.base_prep import BaseSkills, base_rows, cache_key, evaluate_base, key_material
+from visrl.training.base_prep import key_material
 
 torch.set_num_threads(1)
 REPO = Path(__file__).resolve().parents[1]
@@ -203,7 +207,9 @@ def test_cache_key_ignores_dictionary_order_and_the_process() -> None:
     assert cache_key(reordered) == key
     code = (
         "import sys\n"
-        "from visrl.training.base_prep import BaseSkills, cache_key, key_material\n"
+        "from visrl.data.hashing import cache_key\n"
+        "from visrl.data.skills import BaseSkills\n"
+        "from visrl.training.base_prep import key_material\n"
         "from visrl.data.synthetic import WorldConfig\n"
         f"skills = BaseSkills(**{vars(SKILLS)!r})\n"
         f"print(cache_key(key_material({material['model']!r}, WorldConfig(), skills, {material['schedule']!r})))\n"

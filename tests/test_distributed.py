@@ -1,5 +1,5 @@
 """Several processes: helpers (visrl/dist.py), sharded regeneration and reference log-probs
-(visrl/data/preference.py), the trainer / SLURM configs, and the whole pipeline under ``trainer=ddp``.
+(visrl/rollout/regenerate.py, visrl/training/{datamodules,ref_logps}.py), the trainer / SLURM configs, and the whole pipeline under ``trainer=ddp``.
 
 The claims under test:
 
@@ -36,16 +36,19 @@ from pytorch_lightning.strategies import StrategyRegistry
 from test_generator import FMT, TEMPLATES, FakePolicy, HashCropScorer  # tests/ is on sys.path (rootdir)
 
 from visrl import dist as D
-from visrl.data.preference import PreferenceDataModule, attach_reference_logps, collate_pairs, preference_rows
 from visrl.data.records import read_pairs, read_viscot
-from visrl.data.rows import StepBucketSampler
+from visrl.data.rows import StepBucketSampler, pair_batch
 from visrl.data.synthetic import SplitSizes, SyntheticDataset
 from visrl.models.logprobs import sequence_logps
 from visrl.models.policy import VLMPolicy
 from visrl.models.tiny import build_tiny
 from visrl.rollout.filter import FilterConfig
 from visrl.rollout.generator import RolloutConfig
+from visrl.rollout.pairs import load_pairs
 from visrl.rollout.scorers import RuleAnswerScorer
+from visrl.training.datamodules import PreferenceDataModule
+from visrl.training.pair_rows import preference_rows
+from visrl.training.ref_logps import attach_reference_logps
 
 torch.set_num_threads(1)
 CONF = Path(__file__).resolve().parents[1] / "conf"
@@ -206,14 +209,14 @@ def test_check_strategy_fails_in_one_line(monkeypatch):
 def test_reference_logps_agree_with_the_concatenated_forward(world, own_crop):
     """Packing each pair's prompt once gives the previous implementation's values (within 1e-5)."""
     backbone = tiny()
-    rows = preference_rows(read_pairs(world.single / "iter_1" / "pairs.json"), world.root, backbone, TEMPLATES,
+    rows = preference_rows(load_pairs(world.single / "iter_1" / "pairs.json"), world.root, backbone, TEMPLATES,
                            rejected_own_crop=own_crop)  # fmt: skip
     attach_reference_logps(rows, VLMPolicy(backbone), batch_size=3)
     backbone.model.eval()
     for step in ("box", "answer"):
         part = [r for r in rows if r.step == step]
         with torch.no_grad():
-            sums, _ = sequence_logps(backbone.model, collate_pairs(part, backbone.encoder)["batch"])  # [2B]
+            sums, _ = sequence_logps(backbone.model, pair_batch(part, backbone.encoder).batch)  # [2B]
         got = torch.tensor([r.ref_logps for r in part])  # [B, 2]
         torch.testing.assert_close(
             got, torch.stack([sums[: len(part)], sums[len(part) :]], 1), atol=1e-5, rtol=0
@@ -257,10 +260,14 @@ def _regenerate_rank(rank: int, world_size: int, port: int, world: SimpleNamespa
     try:
         dm = datamodule(out, world)
         policy = fake_policy()
-        dm.regenerate(policy, 1)
+        result = dm.regenerate(policy, 1)  # rank 1 reads back what rank 0 built
         dm.attach_reference_logps(VLMPolicy(policy.backbone))
-        batches = [b["uids"] for b in dm.dataloader(("box", "answer"), shuffle=False)]
-        record = {"rows": [[r.uid, r.step, list(r.ref_logps)] for r in dm.rows], "batches": batches}
+        batches = [b.uids for b in dm.dataloader(shuffle=False)]
+        record = {
+            "rows": [[r.uid, r.step, list(r.ref_logps)] for r in dm.rows],
+            "batches": batches,
+            "result": [[p.record().raw for p in result.pairs], result.stats.to_json()],
+        }
         (out / f"rank{rank}.json").write_text(json.dumps(record))
     finally:
         dist.destroy_process_group()
@@ -281,13 +288,15 @@ def test_two_ranks_regenerate_exactly_the_single_process_iteration(world, tmp_pa
     assert not list(multi.glob("candidates.rank*")), "rank 0 removes the shards after merging"
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     assert ranks[0]["rows"] == ranks[1]["rows"]  # the same rows and gathered reference values on both
+    assert ranks[0]["result"] == ranks[1]["result"]  # the same typed pairs and statistics on both
+    assert ranks[0]["result"][1] == json.loads((single / "stats.json").read_text())
     dm = datamodule(tmp_path / "check", world, ref_cache_dir=tmp_path / "ref")  # writes nothing into single/
     dm.load(single, tiny())
     dm.attach_reference_logps(VLMPolicy(tiny()))
     for (uid, step, got), row in zip(ranks[0]["rows"], dm.rows, strict=True):
         assert (uid, step) == (row.uid, row.step)
         assert got == pytest.approx(list(row.ref_logps), abs=1e-5)
-    whole = [b["uids"] for b in dm.dataloader(("box", "answer"), shuffle=False)]
+    whole = [b.uids for b in dm.dataloader(shuffle=False)]
     dealt = [ranks[r]["batches"][i] for i in range(len(ranks[0]["batches"])) for r in range(2)]
     assert len(ranks[0]["batches"]) == len(ranks[1]["batches"]) == -(-len(whole) // 2)
     assert dealt[: len(whole)] == whole

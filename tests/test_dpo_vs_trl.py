@@ -19,6 +19,7 @@ import torch
 from PIL import Image
 
 from visrl.data.prompts import PromptTemplates
+from visrl.data.rows import PairBatch
 from visrl.models.backbone import apply_lora
 from visrl.models.tiny import build_tiny
 from visrl.training.reference import AdapterDisabledReference, FrozenCopyReference
@@ -106,26 +107,26 @@ def trl_trainer(model, ref_model, encoder, loss: str, label_smoothing: float, tm
     return trainer
 
 
-def ours_from_trl(inputs: dict, step: str) -> dict:
+def ours_from_trl(inputs: dict, step: str) -> PairBatch:
     """TRL's collated batch -> our pair batch (same token sequences; completion mask -> labels)."""
     batch = {k: v for k, v in inputs.items() if k != "completion_mask"}
     batch["labels"] = inputs["input_ids"].masked_fill(inputs["completion_mask"] == 0, -100)
-    return {"step": step, "n": inputs["input_ids"].shape[0] // 2, "batch": batch}
+    return PairBatch(step, inputs["input_ids"].shape[0] // 2, batch)
 
 
-def trl_from_ours(pairs: dict) -> dict:
+def trl_from_ours(pairs: PairBatch) -> dict:
     """Our pair batch -> TRL inputs (completion mask from labels)."""
-    inputs = {k: v for k, v in pairs["batch"].items() if k != "labels"}
-    inputs["completion_mask"] = (pairs["batch"]["labels"] != -100).long()
+    inputs = {k: v for k, v in pairs.batch.items() if k != "labels"}
+    inputs["completion_mask"] = (pairs.batch["labels"] != -100).long()
     return inputs
 
 
-def our_pairs(step: str, encoder) -> dict:
+def our_pairs(step: str, encoder) -> PairBatch:
     ps = [encoder.encode_prompt(p) for p in prompts(step)]
     comps = [encoder.encode_completion(c) for _, c, _ in PAIRS[step]] + [
         encoder.encode_completion(r) for _, _, r in PAIRS[step]
     ]
-    return {"step": step, "n": len(ps), "batch": encoder.collate(ps + ps, comps, "right")}
+    return PairBatch(step, len(ps), encoder.collate(ps + ps, comps, "right"))
 
 
 def _perturb(model, only: str | None, scale: float) -> None:

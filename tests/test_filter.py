@@ -1,4 +1,4 @@
-"""Tests for visrl.rollout.filter on crafted candidate groups (reference-method.md §2.3)."""
+"""Tests for visrl.rollout.filter on crafted candidate groups (the reference's data_gen/filter.py rule)."""
 
 from __future__ import annotations
 

@@ -23,14 +23,11 @@ from visrl.data.synthetic import PATTERNS, SplitSizes, SyntheticDataset
 from visrl.models.policy import VLMPolicy
 from visrl.models.tiny import build_tiny
 from visrl.rollout.badbox import overlaps
-from visrl.rollout.dataset import meta_path, read_candidates
+from visrl.rollout.candidates import Candidate, merge_shards, meta_path, read_candidates, shard_path
 from visrl.rollout.generator import (
     RolloutConfig,
     RolloutQuestion,
     generate_candidates,
-    merge_shards,
-    question_uid,
-    shard_path,
 )
 from visrl.rollout.scorers import LikelihoodCropScorer, RuleAnswerScorer, ScoreResult
 
@@ -120,8 +117,8 @@ def test_batched_generation_one_call_per_step_and_parse_failures(world, tmp_path
     policy = FakePolicy()
     rows = run(world, tmp_path / "c.jsonl", policy)
     assert len(rows) == 10 * CFG.n_boxes
-    assert [(r["question_index"], r["cand"]) for r in rows] == [(q, c) for q in range(10) for c in range(4)]
-    assert [r["uid"] for r in rows[::4]] == [question_uid(rec) for rec in world.records]
+    assert [(r.question_index, r.cand) for r in rows] == [(q, c) for q in range(10) for c in range(4)]
+    assert [r.uid for r in rows[::4]] == [rec.uid for rec in world.records]
     # 3 chunks (4, 4, 2 questions): each ONE batched box call and ONE answer call, nothing per candidate
     assert [(c["n"], c["r"], c["images"]) for c in policy.calls[::2]] == [
         (4, 4, {1}),
@@ -129,20 +126,36 @@ def test_batched_generation_one_call_per_step_and_parse_failures(world, tmp_path
         (2, 4, {1}),
     ]
     for chunk, call in enumerate(policy.calls[1::2]):
-        boxed = [r for r in rows if r["chunk"] == chunk and r["box"] is not None]
+        boxed = [r for r in rows if r.chunk == chunk and r.box is not None]
         assert (call["n"], call["r"], call["images"]) == (len(boxed), 1, {2})
     for r in rows:
-        size = tuple(r["image_size"])
-        parsed = FMT.parse(r["sampled_text"], size)
-        assert r["parse_failure"] == (parsed.failure.value if parsed.failure else None)
-        if r["box"] is None:
-            assert r["answer"] is None and r["answer_score"] is None and r["crop_score"] is None
+        size = tuple(r.image_size)
+        parsed = FMT.parse(r.sampled_text, size)
+        assert r.parse_failure == (parsed.failure.value if parsed.failure else None)
+        if r.box is None:
+            assert r.answer is None and r.answer_score is None and r.crop_score is None
         else:
-            assert r["answer"] in PATTERNS and r["answer_score"] == float(r["answer"] == r["answer_gold"])
-            assert FMT.parse(r["box_text"], size).box.as_tuple() == tuple(r["box"])
-    failures = {r["parse_failure"] for r in rows} - {None}
+            assert r.answer in PATTERNS and r.answer_score == float(r.answer == r.answer_gold)
+            assert FMT.parse(r.box_text, size).box.as_tuple() == tuple(r.box)
+    failures = {r.parse_failure for r in rows} - {None}
     assert {"no_box", "wrong_arity", "out_of_range"} <= failures
     assert read_candidates(tmp_path / "c.jsonl") == rows
+
+
+def test_candidate_json_is_the_file_line_and_bad_rows_are_named(world, tmp_path):
+    """``Candidate.to_json`` writes exactly the file's line (key order included); a row missing a field or
+    carrying an unknown one fails in one line naming the file and line."""
+    path = tmp_path / "c.jsonl"
+    run(world, path, FakePolicy())
+    lines = path.read_text().splitlines()
+    assert [json.dumps(c.to_json()) for c in read_candidates(path)] == lines
+    row = json.loads(lines[1])
+    del row["crop_score"]
+    path.write_text("\n".join([lines[0], json.dumps({**row, "extra": 1})]) + "\n")
+    with pytest.raises(
+        ValueError, match=r"c\.jsonl: line 2: missing fields \['crop_score'\], unknown fields \['extra'\]"
+    ):
+        read_candidates(path)
 
 
 def test_bad_box_replaces_overlapping_second_box_with_a_disjoint_one(world, tmp_path):
@@ -153,25 +166,24 @@ def test_bad_box_replaces_overlapping_second_box_with_a_disjoint_one(world, tmp_
         FakePolicy(["[0, 0, 2, 2]", "[0, 0, 2, 2]", "[0, 0, 1, 1]", "[0, 0, 1, 2]"]),
     )
     for r in rows:
-        assert r["synthetic"] == (r["cand"] % 2 == 1) and not r["synthesis_failed"]
+        assert r.synthetic == (r.cand % 2 == 1) and not r.synthesis_failed
     by_q = {}
     for r in rows:
-        by_q.setdefault(r["question_index"], []).append(r)
-    from visrl.data.boxes import Box
+        by_q.setdefault(r.question_index, []).append(r)
 
     for cands in by_q.values():
         for good, bad in ((cands[0], cands[1]), (cands[2], cands[3])):
-            assert not overlaps(Box(*good["box"]), Box(*bad["box"]))
-            assert FMT.parse(bad["box_text"], tuple(bad["image_size"])).box.as_tuple() == tuple(bad["box"])
-            assert bad["sampled_text"] == good["box_text"] or bad["sampled_text"] == "[0, 0, 1, 2]"
-            assert bad["answer"] is not None  # answered from the synthetic crop
+            assert not overlaps(good.region, bad.region)
+            assert FMT.parse(bad.box_text, tuple(bad.image_size)).box.as_tuple() == tuple(bad.box)
+            assert bad.sampled_text == good.box_text or bad.sampled_text == "[0, 0, 1, 2]"
+            assert bad.answer is not None  # answered from the synthetic crop
     # switched off: boxes stay as sampled
     off = RolloutConfig(n_boxes=4, batch_size=4, max_new_tokens=8, seed=3, bad_box={"enabled": False})
     rows = run(world, tmp_path / "b.jsonl", FakePolicy(["[0, 0, 2, 2]"] * 2), cfg=off)
-    assert not any(r["synthetic"] for r in rows) and {r["box_text"] for r in rows} == {"[0, 0, 2, 2]"}
+    assert not any(r.synthetic for r in rows) and {r.box_text for r in rows} == {"[0, 0, 2, 2]"}
     # no disjoint box exists next to a full-image box: kept as sampled, counted
     rows = run(world, tmp_path / "c.jsonl", FakePolicy(["[0, 0, 4, 4]", "[0, 0, 4, 4]"]))
-    assert all(r["synthesis_failed"] == (r["cand"] % 2 == 1) and not r["synthetic"] for r in rows)
+    assert all(r.synthesis_failed == (r.cand % 2 == 1) and not r.synthetic for r in rows)
 
 
 def test_repeated_boxes_are_crop_scored_once(world, tmp_path):
@@ -188,12 +200,12 @@ def test_repeated_boxes_are_crop_scored_once(world, tmp_path):
                                Counting(), tmp_path / "c.jsonl", world.root)  # fmt: skip
     assert Counting.n_items == 2 * len(world.records)  # two distinct boxes per question
     for q in range(len(world.records)):
-        scores = [r["crop_score"] for r in rows if r["question_index"] == q]
+        scores = [r.crop_score for r in rows if r.question_index == q]
         assert scores[0] == scores[1] == scores[3]
 
 
 def test_records_boxes_are_never_read(world, tmp_path):
-    stripped = [RolloutQuestion(question_uid(r), r.question, r.answer, r.image_path) for r in world.records]
+    stripped = [RolloutQuestion(r.uid, r.question, r.answer, r.image_path) for r in world.records]
     a = run(world, tmp_path / "a.jsonl", records=world.records)
     b = run(world, tmp_path / "b.jsonl", records=stripped)
     assert a == b
@@ -213,10 +225,10 @@ def test_same_seed_same_candidates_real_model(world, tiny_policy, tmp_path):
     first = go("a.jsonl", 0)
     assert go("b.jsonl", 0) == first
     assert go("c.jsonl", 1) != first
-    rows = [json.loads(line) for line in first.decode().splitlines()]
-    boxed = [r for r in rows if r["box"] is not None]
+    rows = [Candidate.from_json(json.loads(line)) for line in first.decode().splitlines()]
+    boxed = [r for r in rows if r.box is not None]
     assert len(rows) == 18 and len(boxed) >= 6
-    assert all(r["answer"] is not None and 0 <= r["crop_score"] <= 1 for r in boxed)
+    assert all(r.answer is not None and 0 <= r.crop_score <= 1 for r in boxed)
 
 
 def test_resume_after_crash_gives_the_same_file(world, tmp_path):
@@ -230,7 +242,7 @@ def test_resume_after_crash_gives_the_same_file(world, tmp_path):
     crashed = tmp_path / "crashed.jsonl"
     with pytest.raises(Crash):
         run(world, crashed, on_chunk=crash_after_chunk_1)
-    assert {r["chunk"] for r in read_candidates(crashed)} == {0, 1}
+    assert {r.chunk for r in read_candidates(crashed)} == {0, 1}
     # a third chunk torn mid-write: half its rows and a cut line
     lines = full.read_text().splitlines(keepends=True)
     with open(crashed, "a") as f:
@@ -266,7 +278,7 @@ def test_shards_merge_to_the_single_process_file(world, tiny_policy, tmp_path, w
     paths = []
     for rank in range(world_size):
         rows = go(out, (rank, world_size))
-        assert {r["chunk"] % world_size for r in rows} <= {rank}
+        assert {r.chunk % world_size for r in rows} <= {rank}
         paths.append(shard_path(out, rank, world_size))
     assert paths[1].name == "candidates.rank1.jsonl"
     merged = merge_shards(paths, out)

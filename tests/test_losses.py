@@ -153,6 +153,18 @@ def test_step_dpo_loss_weights() -> None:
             step_dpo_loss(steps, bad)
 
 
+def test_step_dpo_loss_adds_the_weighted_ftx_term() -> None:
+    """``w * (mean L + ftx * mean sft)`` per step (the SFT term is part of the step's objective)."""
+    box = PreferenceLossOutput(_t(1.0, 3.0), _t(0, 0), _t(0, 0))  # mean 2
+    sft = {"box": _t(0.5, 1.5)}  # mean 1
+    assert step_dpo_loss({"box": box}, {"box": 0.5}, sft, ftx=2.0).item() == pytest.approx(0.5 * (2 + 2 * 1))
+    assert step_dpo_loss({"box": box}, {"box": 0.5}, sft, ftx=0.0).item() == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="needs the SFT term"):
+        step_dpo_loss({"box": box}, {"box": 0.5}, None, ftx=1.0)
+    with pytest.raises(ValueError, match="ftx must be finite"):
+        step_dpo_loss({"box": box}, {"box": 0.5}, sft, ftx=-1.0)
+
+
 def test_step_dpo_loss_gradient_flows_to_both_steps() -> None:
     pc_box, pc_ans = _t(-3.0).requires_grad_(), _t(-5.0).requires_grad_()
     box = preference_loss("sigmoid", pc_box, _t(-3.0), _t(-3.0), _t(-3.0))

@@ -29,12 +29,13 @@ from visrl.data.images import crop_view, load_rgb, resolve, to_view
 from visrl.data.prompts import PromptTemplates
 from visrl.data.records import VisCoTRecord, make_viscot_record, read_viscot
 from visrl.data.rows import Row
-from visrl.data.sft import RowsDataModule, drop_long, sft_rows
+from visrl.data.sft import drop_long, sft_rows
 from visrl.data.synthetic import SplitSizes, SyntheticDataset
 from visrl.models.backbone import Backbone, apply_lora
 from visrl.models.encoding import IGNORE_INDEX
 from visrl.models.logprobs import sequence_logps
 from visrl.models.tiny import build_tiny
+from visrl.training.datamodules import RowsDataModule
 from visrl.training.fit import fit
 from visrl.training.sft import SFTModule, warmup_cosine
 

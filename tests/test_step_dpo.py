@@ -14,8 +14,9 @@ import torch
 from PIL import Image
 from pytorch_lightning.loggers import Logger
 
+from visrl.data.hashing import rows_fingerprint
 from visrl.data.prompts import PromptTemplates
-from visrl.data.rows import Row
+from visrl.data.rows import PairBatch, Row, pair_batch
 from visrl.models.backbone import apply_lora
 from visrl.models.logprobs import sequence_logps
 from visrl.models.tiny import build_tiny
@@ -28,9 +29,7 @@ from visrl.training.reference import (
     ReferenceStrategy,
     compute_reference_logps,
     model_fingerprint,
-    pair_batch,
     processor_fingerprint,
-    rows_fingerprint,
 )
 from visrl.training.step_dpo import StepDPOModule
 
@@ -82,7 +81,7 @@ def make_rows(encoder, steps=("box", "answer"), own_crop: bool = False) -> list[
     return rows
 
 
-def batches_of(rows: list[Row], encoder, size: int = 3, ref: list | None = None) -> list[dict]:
+def batches_of(rows: list[Row], encoder, size: int = 3, ref: list | None = None) -> list[PairBatch]:
     """Pair batches of one step each: collate(prompts + prompts, chosen + rejected, "right")."""
     out = []
     for step in sorted({r.step for r in rows}):
@@ -91,8 +90,8 @@ def batches_of(rows: list[Row], encoder, size: int = 3, ref: list | None = None)
             part = idx[s : s + size]
             pairs = pair_batch([rows[i] for i in part], encoder)
             if ref is not None:
-                pairs["ref_chosen"] = torch.tensor([ref[i][0] for i in part])
-                pairs["ref_rejected"] = torch.tensor([ref[i][1] for i in part])
+                pairs.ref_chosen = torch.tensor([ref[i][0] for i in part])
+                pairs.ref_rejected = torch.tensor([ref[i][1] for i in part])
             out.append(pairs)
     return out
 
@@ -114,7 +113,7 @@ class MemoryLogger(Logger):
         pass
 
 
-def fit(module: StepDPOModule, batches: list[dict], epochs: int, validate: bool = False) -> MemoryLogger:
+def fit(module: StepDPOModule, batches: list[PairBatch], epochs: int, validate: bool = False) -> MemoryLogger:
     logger = MemoryLogger()
     trainer = pl.Trainer(
         max_epochs=epochs,
@@ -138,7 +137,7 @@ def module_for(model, weights, reference=None, lr=5e-3, **kw) -> StepDPOModule:
     return StepDPOModule(model, opt, weights=weights, reference=reference, beta=0.5, **kw)
 
 
-def mean_loss(module: StepDPOModule, batches: list[dict]) -> float:
+def mean_loss(module: StepDPOModule, batches: list[PairBatch]) -> float:
     with torch.no_grad():
         return float(np.mean([module.step_output(b).out.losses.mean().item() for b in batches]))
 
@@ -149,13 +148,13 @@ def test_packed_pairs_equal_concatenated_forward_values_and_grads(family):
     bb = tiny(family, seed=1)
     rows = make_rows(bb.encoder)
     for pairs in batches_of(rows, bb.encoder):
-        assert pack_pairs(bb.model, pairs["batch"], pairs["n"]) is not None  # the packed path is taken
+        assert pack_pairs(bb.model, pairs.batch, pairs.n) is not None  # the packed path is taken
         bb.model.zero_grad()
-        want, want_n = sequence_logps(bb.model, pairs["batch"])  # [2B]
+        want, want_n = sequence_logps(bb.model, pairs.batch)  # [2B]
         (want * torch.linspace(0.5, 1.5, len(want))).sum().backward()
         want_grads = {k: p.grad.clone() for k, p in bb.model.named_parameters() if p.grad is not None}
         bb.model.zero_grad()
-        got, got_n = pair_logps(bb.model, pairs["batch"], pairs["n"])
+        got, got_n = pair_logps(bb.model, pairs.batch, pairs.n)
         (got * torch.linspace(0.5, 1.5, len(got))).sum().backward()
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-5)
         assert torch.equal(got_n, want_n)
@@ -171,7 +170,7 @@ def test_packing_accepts_left_padded_batches():
     prompts = [r.prompt for r in rows] * 2
     batch = enc.collate(prompts, [r.completions[0] for r in rows] + [r.completions[1] for r in rows], "left")
     with torch.no_grad():
-        want = sequence_logps(bb.model, pair_batch(rows, enc)["batch"])[0]  # right padded
+        want = sequence_logps(bb.model, pair_batch(rows, enc).batch)[0]  # right padded
         torch.testing.assert_close(pair_logps(bb.model, batch, 3)[0], want, atol=1e-4, rtol=1e-5)
 
 
@@ -179,10 +178,10 @@ def test_different_rejected_prompt_falls_back_to_concatenated_forward():
     bb = tiny()
     rows = make_rows(bb.encoder, steps=("answer",), own_crop=True)
     pairs = pair_batch(rows, bb.encoder)
-    assert pack_pairs(bb.model, pairs["batch"], pairs["n"]) is None  # crops differ: nothing to share
+    assert pack_pairs(bb.model, pairs.batch, pairs.n) is None  # crops differ: nothing to share
     with torch.no_grad():
         torch.testing.assert_close(
-            pair_logps(bb.model, pairs["batch"], 3)[0], sequence_logps(bb.model, pairs["batch"])[0]
+            pair_logps(bb.model, pairs.batch, 3)[0], sequence_logps(bb.model, pairs.batch)[0]
         )
 
 
@@ -194,7 +193,7 @@ def test_stage_training_lowers_loss_changes_every_parameter_and_logs(weights):
     ref = compute_reference_logps(bb.model, rows, bb.encoder, batch_size=2)
     batches = batches_of(rows, bb.encoder, ref=ref)  # box batch + answer batch, reference precomputed
     module = module_for(bb.model, weights)
-    trained = [b for b in batches if b["step"] in weights]
+    trained = [b for b in batches if b.step in weights]
     before_loss = mean_loss(module, trained)
     before = {k: p.detach().clone() for k, p in bb.model.named_parameters() if p.requires_grad}
     logger = fit(module, batches, epochs=4, validate=True)
@@ -251,13 +250,17 @@ def test_adapter_disabled_reference_equals_base_model():
     for pairs in batches_of(rows, bb.encoder):
         ref_c, ref_r = AdapterDisabledReference().logps(pairs, policy=bb.model)
         with torch.no_grad():
-            base_logps, _ = sequence_logps(frozen_base, pairs["batch"])
-            policy_logps, _ = sequence_logps(bb.model, pairs["batch"])
+            base_logps, _ = sequence_logps(frozen_base, pairs.batch)
+            policy_logps, _ = sequence_logps(bb.model, pairs.batch)
         torch.testing.assert_close(torch.cat([ref_c, ref_r]), base_logps, atol=1e-4, rtol=1e-5)
         assert (policy_logps - base_logps).abs().max() > 1e-2
     precomputed = compute_reference_logps(AdapterDisabledReference(bb.model), rows, bb.encoder)
     with torch.no_grad():
-        base_all, _ = sequence_logps(frozen_base, pair_batch(rows, bb.encoder)["batch"])  # [2 * 6]
+        prompts = [r.prompt for r in rows] + [r.rejected_prompt or r.prompt for r in rows]
+        completions = [r.completions[0] for r in rows] + [r.completions[1] for r in rows]
+        base_all, _ = sequence_logps(
+            frozen_base, bb.encoder.collate(prompts, completions, "right")
+        )  # [2 * 6]
     np.testing.assert_allclose(np.array(precomputed), base_all.view(2, -1).T.numpy(), atol=1e-4)
     with pytest.raises(TypeError, match="not a peft.PeftModel"):
         AdapterDisabledReference().logps(batches_of(rows, bb.encoder)[0], policy=frozen_base)
@@ -288,15 +291,15 @@ def test_precomputed_reference_logps_in_the_batch_are_used():
     bb = tiny(seed=5)
     rows = make_rows(bb.encoder, steps=("box",))
     with torch.no_grad():
-        logps, _ = sequence_logps(bb.model, pair_batch(rows, bb.encoder)["batch"])  # [6]
+        logps, _ = sequence_logps(bb.model, pair_batch(rows, bb.encoder).batch)  # [6]
     shift = [(float(logps[i]) - 1.0, float(logps[3 + i]) + 2.0) for i in range(3)]
     pairs = batches_of(rows, bb.encoder, ref=shift)[0]
     module = module_for(bb.model, STAGE1, reference=ExplodingReference())
     out = module.step_output(pairs).out
     torch.testing.assert_close(out.chosen_rewards, torch.full((3,), 0.5), atol=1e-4, rtol=0)
     torch.testing.assert_close(out.rejected_rewards, torch.full((3,), -1.0), atol=1e-4, rtol=0)
-    del pairs["ref_chosen"], pairs["ref_rejected"]
-    with pytest.raises(KeyError, match="no \\['ref_chosen', 'ref_rejected'\\]"):
+    pairs.ref_chosen = pairs.ref_rejected = None
+    with pytest.raises(KeyError, match="no ref_chosen / ref_rejected"):
         module_for(bb.model, STAGE1).step_output(pairs)
 
 
@@ -307,7 +310,7 @@ def test_ftx_adds_the_weighted_sft_term():
     plain = module_for(bb.model, STAGE2).step_output(pairs)
     with_ftx = module_for(bb.model, STAGE2, ftx=2.0).step_output(pairs)
     with torch.no_grad():
-        logps, counts = sequence_logps(bb.model, pairs["batch"])
+        logps, counts = sequence_logps(bb.model, pairs.batch)
     sft = (-logps[:3] / counts[:3]).mean()
     torch.testing.assert_close(with_ftx.loss, plain.loss + 0.5 * 2.0 * sft, atol=1e-4, rtol=1e-5)
 

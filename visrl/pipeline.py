@@ -30,9 +30,12 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from visrl.benchmarks.skills import evaluate_base
+from visrl.data.hashing import cache_key
 from visrl.data.io import read_json, write_json_atomic, write_text_atomic
 from visrl.data.records import read_viscot
-from visrl.data.sft import RowsDataModule, sft_rows
+from visrl.data.sft import sft_rows
+from visrl.data.skills import base_rows
 from visrl.dist import check_strategy, on_rank_zero
 from visrl.logging.samples import log_model_artifact, log_pair_samples
 from visrl.models.backbone import Backbone, apply_lora, freeze_vision, load_backbone
@@ -40,7 +43,8 @@ from visrl.models.frozen import frozen_policy
 from visrl.models.policy import VLMPolicy
 from visrl.runs import RunDir, RunLock
 from visrl.summary import flat_numbers, write_final_files
-from visrl.training.base_prep import base_rows, cache_key, cached_base, evaluate_base, key_material
+from visrl.training.base_prep import cached_base, key_material
+from visrl.training.datamodules import RowsDataModule
 from visrl.training.fit import fit
 from visrl.training.sft import SFTModule
 
@@ -178,8 +182,8 @@ def iteration(cfg, run: RunDir, k: int, backbone: Backbone, m_org, prefs, templa
     """One VisRL iteration: regenerate with M_RL^{k-1}, DPO stage 1 and stage 2, save, evaluate."""
     logger.log_metrics({"iter": float(k)})
     policy = VLMPolicy(backbone, batch_size=int(cfg.rollout.batch_size))  # M_RL^{k-1}
-    prefs.regenerate(policy, k, m_org if cfg.scorer.m_org == "initial" else policy)
-    logger.log_metrics(flat_numbers(read_json(run / f"iter_{k}" / "stats.json"), "data/"))
+    regenerated = prefs.regenerate(policy, k, m_org if cfg.scorer.m_org == "initial" else policy)
+    logger.log_metrics(flat_numbers(regenerated.stats.to_json(), "data/"))
     log_pair_samples(logger, run / f"iter_{k}" / "pairs.json", image_root, k)
     # the reference is fixed BEFORE stage 1 trains (reference=previous means M_RL^{k-1} for both stages);
     # precomputed log-probs are cached for resumes and beta sweeps
@@ -214,8 +218,8 @@ def trainable_parts(cfg: DictConfig, backbone: Backbone) -> None:
 
 def build_preference_data(cfg: DictConfig, out: Path, splits, image_root, templates):
     """The self-evolving data of every iteration (VisRL §3.3), served as step-level DPO rows."""
-    from visrl.data.preference import PreferenceDataModule
     from visrl.rollout.generator import RolloutConfig
+    from visrl.training.datamodules import PreferenceDataModule
 
     return PreferenceDataModule(
         run_dir=out, pool=read_viscot(splits["rl"]), image_root=image_root, templates=templates,
@@ -234,8 +238,8 @@ def fit_dpo_stage(cfg, stage, backbone: Backbone, prefs, out: Path, logger, refe
     from visrl.training.step_dpo import StepDPOModule
 
     weights = {s: float(w) for s, w in stage.weights.items() if float(w) > 0}
-    prefs.steps = tuple(weights)
-    if not prefs.rows_for(prefs.steps):
+    stage_data = prefs.for_steps(tuple(weights))
+    if not stage_data.rows:
         log.warning("%s: no preference pairs for steps %s; stage skipped", out, list(weights))
         return
     module = StepDPOModule(
@@ -244,7 +248,7 @@ def fit_dpo_stage(cfg, stage, backbone: Backbone, prefs, out: Path, logger, refe
         beta=float(cfg.objective.beta), label_smoothing=float(cfg.objective.label_smoothing),
         ftx=float(cfg.dpo.ftx), reference=reference,
     )
-    fit(module, prefs, out, int(stage.epochs), trainer_kwargs(cfg), RunLoggerAdapter(logger, name=out.name))
+    fit(module, stage_data, out, int(stage.epochs), trainer_kwargs(cfg), RunLoggerAdapter(logger, name=out.name))
 
 
 def evaluate(cfg: DictConfig, run: RunDir, name: str, benchmark, backbone: Backbone, templates, logger) -> None:

@@ -114,17 +114,11 @@ def _prompt(templates, item: dict, step: str):
     return templates.answer_prompt(item["question"], item["full"], item["crop"])
 
 
-def _pair_collate(rows: list, encoder) -> dict:
-    """B rows of one step -> a StepDPOModule pair batch (+ reference log-probs when the rows carry them)."""
-    import torch
+def _pair_collate(rows: list, encoder):
+    """B rows of one step -> a StepDPOModule PairBatch (+ reference log-probs when the rows carry them)."""
+    from visrl.data.rows import pair_batch
 
-    from visrl.training.reference import pair_batch
-
-    pairs = pair_batch(rows, encoder)
-    if rows[0].ref_logps is not None:
-        pairs["ref_chosen"] = torch.tensor([r.ref_logps[0] for r in rows])  # [B]
-        pairs["ref_rejected"] = torch.tensor([r.ref_logps[1] for r in rows])  # [B]
-    return pairs
+    return pair_batch(rows, encoder)
 
 
 def run_ours(args, backbone, templates, raw) -> tuple[float, float]:

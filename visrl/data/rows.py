@@ -11,8 +11,11 @@ from __future__ import annotations
 import random
 from collections import defaultdict
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any, Protocol
 
+import torch
+from torch import Tensor
 from torch.utils.data import Dataset, Sampler
 
 
@@ -40,6 +43,76 @@ class Row:
         if self.rejected_prompt is not None:
             prompts[1] = self.rejected_prompt
         return max(len(p.input_ids) + len(c) for p, c in zip(prompts, self.completions))
+
+
+@dataclass
+class PairBatch:
+    """B preference rows of ONE step in one forward: what step-level DPO trains on.
+
+    ``batch`` is the encoder's right-padded collate of 2B sequences: rows ``[:n]`` the chosen completions,
+    ``[n:]`` the rejected ones (each rejected on its own prompt when the row has ``rejected_prompt``), e.g.
+    ``input_ids`` [2B, T]. ``ref_chosen`` / ``ref_rejected`` [B] are the precomputed summed reference
+    log-probs when the rows carry them.
+    """
+
+    step: str
+    n: int
+    batch: dict[str, Tensor]
+    uids: list[str] = field(default_factory=list)
+    ref_chosen: Tensor | None = None  # [B]
+    ref_rejected: Tensor | None = None  # [B]
+
+    @property
+    def has_reference(self) -> bool:
+        return self.ref_chosen is not None and self.ref_rejected is not None
+
+    def to(self, device: torch.device | str) -> PairBatch:
+        """The batch with every tensor on ``device`` (Lightning's batch transfer)."""
+        move = lambda t: None if t is None else t.to(device)  # noqa: E731
+        return PairBatch(
+            self.step,
+            self.n,
+            {k: v.to(device) for k, v in self.batch.items()},
+            list(self.uids),
+            move(self.ref_chosen),
+            move(self.ref_rejected),
+        )
+
+
+class Collator(Protocol):
+    """What batching needs of a backbone encoder (``visrl.models.encoding``): its collate function."""
+
+    def collate(
+        self, prompts: Sequence[Any], completions: Sequence[list[int]], padding_side: str = "right"
+    ) -> dict[str, Tensor]: ...
+
+
+def pair_batch(rows: Sequence[Row], encoder: Collator, with_reference: bool = True) -> PairBatch:
+    """B preference rows of one step -> a :class:`PairBatch` (chosen rows then rejected rows).
+
+    The batch is ``encoder.collate``'d right-padded; reference log-probs are
+    attached when every row carries them (a batch mixing rows with and without them is an error).
+    """
+    steps = {r.step for r in rows}
+    if len(steps) != 1:
+        raise ValueError(f"pair_batch: a batch must hold one step, got {sorted(steps)}")
+    for i, r in enumerate(rows):
+        if len(r.completions) != 2:
+            raise ValueError(
+                f"pair_batch: row {i} (uid {r.uid!r}) has {len(r.completions)} completions, not 2"
+            )
+    prompts = [r.prompt for r in rows] + [r.rejected_prompt or r.prompt for r in rows]
+    completions = [r.completions[0] for r in rows] + [r.completions[1] for r in rows]
+    out = PairBatch(
+        rows[0].step, len(rows), encoder.collate(prompts, completions, "right"), [r.uid for r in rows]
+    )
+    with_ref = [r.ref_logps is not None for r in rows]
+    if with_reference and any(with_ref) and not all(with_ref):
+        raise ValueError("pair_batch: some rows of the batch carry reference log-probs and some do not")
+    if with_reference and all(with_ref):
+        out.ref_chosen = torch.tensor([r.ref_logps[0] for r in rows], dtype=torch.float32)  # type: ignore[index]
+        out.ref_rejected = torch.tensor([r.ref_logps[1] for r in rows], dtype=torch.float32)  # type: ignore[index]
+    return out
 
 
 class RowDataset(Dataset):

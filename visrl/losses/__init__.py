@@ -13,11 +13,12 @@ from visrl.losses.preference import (
     robust_loss,
     sigmoid_loss,
 )
-from visrl.losses.step import REFERENCE_STAGE_WEIGHTS, sft_term, step_dpo_loss
+from visrl.losses.step import REFERENCE_STAGE_WEIGHTS, check_step_weights, sft_term, step_dpo_loss
 
 __all__ = [
     "PREFERENCE_LOSSES",
     "REFERENCE_STAGE_WEIGHTS",
+    "check_step_weights",
     "PreferenceLossFn",
     "PreferenceLossOutput",
     "hinge_loss",

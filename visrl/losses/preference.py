@@ -1,4 +1,4 @@
-"""Pairwise preference losses on sequence log-probs (VisRL §3.3; reference-method.md §2.4).
+"""Pairwise preference losses on sequence log-probs (VisRL §3.3).
 
 VisRL trains both steps (the focus box, then the answer) with standard sigmoid DPO (Rafailov et al. 2023)
 on *summed* completion log-probs, beta = 0.1, no label smoothing: that is :func:`sigmoid_loss` with its

@@ -1,6 +1,6 @@
 """Step-level DPO: weighted sum of per-step preference losses, plus the optional SFT (``ftx``) term.
 
-VisRL (reference-method.md §2.4) trains in two stages on the same preference pairs:
+The VisRL reference implementation trains in two stages on the same preference pairs:
 
 * stage 1: ``L1 = L_DPO(x1 = (I, q); b_w, b_l)`` -- the box step only;
 * stage 2: ``L2 = 0.5 L_DPO(x1; b_w, b_l) + 0.5 L_DPO(x2 = (I, q, c(b_w)); a_w, a_l)``.
@@ -21,7 +21,7 @@ from torch import Tensor
 
 from visrl.losses.preference import PreferenceLossOutput
 
-__all__ = ["REFERENCE_STAGE_WEIGHTS", "sft_term", "step_dpo_loss"]
+__all__ = ["REFERENCE_STAGE_WEIGHTS", "check_step_weights", "sft_term", "step_dpo_loss"]
 
 REFERENCE_STAGE_WEIGHTS: Mapping[str, Mapping[str, float]] = {
     "stage1": {"box": 1.0},
@@ -44,23 +44,42 @@ def sft_term(chosen_logps: Tensor, chosen_n_tokens: Tensor) -> Tensor:
     return -chosen_logps / chosen_n_tokens.to(chosen_logps.dtype).clamp(min=1.0)
 
 
-def step_dpo_loss(step_outputs: Mapping[str, PreferenceLossOutput], weights: Mapping[str, float]) -> Tensor:
-    """``sum_s weights[s] * mean_B(step_outputs[s].losses)``: a scalar tensor.
+def check_step_weights(weights: Mapping[str, float], owner: str = "visrl.losses") -> dict[str, float]:
+    """``weights`` as ``{step: float}``; an error naming ``owner`` unless finite, >= 0, not all zero."""
+    bad = {k: w for k, w in weights.items() if not (math.isfinite(w) and w >= 0)}
+    if not weights or bad or not any(weights.values()):
+        raise ValueError(
+            f"{owner}: weights must map steps to finite weights >= 0, not all zero; got {dict(weights)}"
+        )
+    return {str(k): float(w) for k, w in weights.items()}
 
-    Every weighted step must be present in ``step_outputs``; extra steps (e.g. computed only for
-    logging) are left out of the loss. Weights must be finite and >= 0, and not all zero.
+
+def step_dpo_loss(
+    step_outputs: Mapping[str, PreferenceLossOutput],
+    weights: Mapping[str, float],
+    sft_terms: Mapping[str, Tensor] | None = None,
+    ftx: float = 0.0,
+) -> Tensor:
+    """``sum_s weights[s] * (mean_B(step_outputs[s].losses) + ftx * mean_B(sft_terms[s]))``: a scalar.
+
+    Every weighted step must be present in ``step_outputs`` (and in ``sft_terms`` when ``ftx > 0``; see
+    :func:`sft_term`); extra steps (e.g. computed only for logging) are left out of the loss. Weights must
+    be finite and >= 0, and not all zero. A batch of one step is the call with one step in both mappings.
     """
-    if not weights:
-        raise ValueError("visrl.losses.step_dpo_loss: weights is empty; a stage needs at least one step")
+    weights = check_step_weights(weights, "visrl.losses.step_dpo_loss")
     missing = sorted(set(weights) - set(step_outputs))
     if missing:
         raise ValueError(
             f"visrl.losses.step_dpo_loss: weighted steps {missing} have no loss; got steps {sorted(step_outputs)}"
         )
-    bad = {k: w for k, w in weights.items() if not (math.isfinite(w) and w >= 0)}
-    if bad or not any(weights.values()):
-        raise ValueError(
-            f"visrl.losses.step_dpo_loss: weights must be finite, >= 0 and not all zero, got {dict(weights)}"
-        )
-    terms = [w * step_outputs[step].losses.mean() for step, w in weights.items()]  # each a scalar
+    if not (math.isfinite(ftx) and ftx >= 0):
+        raise ValueError(f"visrl.losses.step_dpo_loss: ftx must be finite and >= 0, got {ftx}")
+    if ftx and (sft_terms is None or set(weights) - set(sft_terms)):
+        raise ValueError("visrl.losses.step_dpo_loss: ftx > 0 needs the SFT term of every weighted step")
+    terms = []
+    for step, w in weights.items():
+        objective = step_outputs[step].losses.mean()  # scalar
+        if ftx:
+            objective = objective + ftx * sft_terms[step].mean()  # type: ignore[index]
+        terms.append(w * objective)
     return torch.stack(terms).sum()

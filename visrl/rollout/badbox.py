@@ -1,4 +1,4 @@
-"""Bad-box synthesis for the self-evolution data (VisRL §3.2; reference-method.md §2.2 step 2 and §7.7).
+"""Bad-box synthesis for the self-evolution data (VisRL §3.2; the reference's ``data_gen/generate.py``).
 
 Each rollout attempt samples a "good" box A and a second box B for diversity. When B overlaps A
 (IoU > 0.05) the reference throws B away and draws a random box of about A's size that does not
@@ -15,7 +15,7 @@ deliberate departures from the reference code:
   cells of :class:`~visrl.data.boxes.GridFormat`, see :func:`format_snap`); zero overlap is checked
   *after* snapping, so the box the model is trained on really is disjoint from ``good``.
 * **Frames.** IoU is the canonical per-axis IoU (:func:`visrl.data.boxes.iou`), not the reference's
-  mixed square-padded frame (reference-method.md §7.1).
+  mixed frame (boxes normalised to the square-padded image on one side, to the raw image on the other).
 * **No exception.** Running out of tries returns ``None`` (the reference raises, dropping the attempt).
 
 "Zero overlap" means zero intersection *area*: a box touching ``good`` along an edge is accepted, as in

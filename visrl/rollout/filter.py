@@ -1,4 +1,4 @@
-"""The preference-pair filter of VisRL's self-evolution data (reference-method.md §2.3; data_gen/filter.py).
+"""The preference-pair filter of VisRL's self-evolution data (the reference's ``data_gen/filter.py``).
 
 Each question has several candidates (box, crop, answer), each scored twice by M_org: an *answer score*
 (how close the answer is to the standard answer) and a *crop score* (does the crop alone hold the
@@ -9,8 +9,9 @@ only when the answer scores spread from ``<= answer_lo`` to ``>= answer_hi`` (an
 * rejected = the FIRST candidate whose answer score is the minimum AND whose crop score is ``<= crop_lo``.
 
 The crop gate is what keeps lucky guesses out of the pairs: a right answer from a crop that shows the
-wrong thing would otherwise be "chosen" and teach the model to ignore its crop
-(``shared/notes/toy-scale-findings.md``, "Trap"). ``min_margin`` (0 in the reference) additionally
+wrong thing would otherwise be "chosen" and teach the model to ignore its crop (in a toy-scale trial
+without the gate, whose sampled boxes rarely held the target, answer accuracy with the model's own box fell
+from 0.32 to 0.04 in one iteration and the boxes stopped parsing by the second). ``min_margin`` (0 in the reference) additionally
 requires ``max - min >= min_margin``. Every drop has a reason string so the share of each reason can be
 logged per iteration.
 

@@ -1,9 +1,9 @@
-"""Batched rollouts of the self-evolution loop (VisRL §3.3; reference-method.md §2.2): candidates per question.
+"""Batched rollouts of the self-evolution loop (VisRL §3.3): candidates per question.
 
 For each RL-pool question the current policy samples ``n_boxes`` focus boxes (step 1), the image is
 cropped to each, the policy answers from [full view, crop view] (step 2), and M_org (the frozen starting
 model) scores every candidate twice: answer vs. the standard answer, and crop relevance
-(:mod:`visrl.rollout.scorers`). :mod:`visrl.rollout.dataset` then filters the candidates into pairs.
+(:mod:`visrl.rollout.scorers`). :mod:`visrl.rollout.pairs` then filters the candidates into pairs.
 
 How it differs from the reference's one-request-per-candidate loop:
 
@@ -14,7 +14,7 @@ How it differs from the reference's one-request-per-candidate loop:
   seeded by ``(seed, i)`` only, so results depend neither on where a run resumed nor on which process ran
   the chunk. Each chunk's rows are appended in one write + fsync; a restart drops a torn tail, keeps the
   complete chunks and continues. With ``shard=(rank, world)`` a process runs the chunks ``i % world ==
-  rank``; :func:`~visrl.rollout.dataset.merge_shards` gives the single-process file byte for byte.
+  rank``; :func:`~visrl.rollout.candidates.merge_shards` gives the single-process file byte for byte.
 * **Bad boxes.** Candidates are taken in attempts (0, 1), (2, 3), ...: when the second box of an attempt
   overlaps the first with IoU > ``iou_threshold`` it is replaced by a random box of the first's size with
   zero overlap, snapped to what the backbone can write (:mod:`visrl.rollout.badbox`), ``synthetic: true``.
@@ -47,17 +47,14 @@ import torch
 from PIL import Image
 
 from visrl.data.boxes import Box, BoxFormat, Size
+from visrl.data.hashing import text_sha256
 from visrl.data.images import crop_view, load_rgb, resolve, to_view
 from visrl.data.io import append_lines
 from visrl.data.prompts import PromptTemplates
 from visrl.data.records import VisCoTRecord
+from visrl.models.protocols import Policy
 from visrl.rollout.badbox import format_snap, maybe_replace_bad
-from visrl.rollout.dataset import (
-    merge_shards,
-    open_candidates,
-    resume_candidates,
-    shard_path,
-)
+from visrl.rollout.candidates import Candidate, open_candidates, resume_candidates, shard_path
 from visrl.rollout.scorers import ScoreItem, Scorer
 
 __all__ = [
@@ -66,10 +63,7 @@ __all__ = [
     "RolloutQuestion",
     "derive_seed",
     "generate_candidates",
-    "merge_shards",
     "model_fingerprint",
-    "question_uid",
-    "shard_path",
 ]
 
 log = logging.getLogger(__name__)
@@ -138,15 +132,11 @@ class RolloutQuestion:
     image_path: str
 
 
-def question_uid(record: VisCoTRecord) -> str:
-    return f"{record.dataset}:{record.split}:{record.question_id}"
-
-
 def as_questions(questions: Sequence[VisCoTRecord | RolloutQuestion]) -> list[RolloutQuestion]:
     return [
         q
         if isinstance(q, RolloutQuestion)
-        else RolloutQuestion(question_uid(q), q.question, q.answer, q.image_path)
+        else RolloutQuestion(q.uid, q.question, q.answer, q.image_path)
         for q in questions
     ]
 
@@ -156,7 +146,7 @@ def derive_seed(*parts: int) -> int:
     return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1, dtype=np.uint32)[0])
 
 
-def model_fingerprint(policy: Any) -> str | None:
+def model_fingerprint(policy: Policy | torch.nn.Module) -> str | None:
     """A cheap digest of a policy's weights (~4k strided values per tensor), None if it has no model."""
     model = getattr(policy, "model", policy)
     if not isinstance(model, torch.nn.Module):
@@ -193,7 +183,11 @@ def _random_box(rng: random.Random, snap: Any) -> Box:
 
 
 def _box_fields(
-    texts: Sequence[str], size: Size, fmt: BoxFormat, bad: BadBoxConfig, rng: random.Random,
+    texts: Sequence[str],
+    size: Size,
+    fmt: BoxFormat,
+    bad: BadBoxConfig,
+    rng: random.Random,
     fallback: bool = False,
 ) -> list[dict]:
     """Parse one question's sampled box texts and apply the bad-box rule to each attempt (pair)."""
@@ -231,7 +225,7 @@ def _box_fields(
 
 
 def _score(
-    items: list[ScoreItem], scorer: Scorer, m_org: Any, what: str
+    items: list[ScoreItem], scorer: Scorer, m_org: Policy, what: str
 ) -> list[tuple[float | None, str | None]]:
     results = scorer.score(items, m_org) if items else []
     if len(results) != len(items):
@@ -241,7 +235,7 @@ def _score(
     return [(r.score, r.failure) for r in results]
 
 
-def _step1(chunk: _Chunk, policy: Any, templates: PromptTemplates, cfg: RolloutConfig) -> list[dict]:
+def _step1(chunk: _Chunk, policy: Policy, templates: PromptTemplates, cfg: RolloutConfig) -> list[dict]:
     """Step 1 for a whole chunk in ONE generate call: sample, parse, bad-box rule; rows in order."""
     box_prompts = [templates.box_prompt(q.question, v) for q, v in zip(chunk.questions, chunk.views)]
     seed = derive_seed(cfg.seed, chunk.index, _BOXES)
@@ -258,7 +252,9 @@ def _step1(chunk: _Chunk, policy: Any, templates: PromptTemplates, cfg: RolloutC
     rng = random.Random(derive_seed(cfg.seed, chunk.index, _BAD))
     rows = []
     for j, (q, image) in enumerate(zip(chunk.questions, chunk.images)):
-        for c, fields in enumerate(_box_fields(texts[j], image.size, fmt, cfg.bad_box, rng, cfg.fallback_box)):
+        for c, fields in enumerate(
+            _box_fields(texts[j], image.size, fmt, cfg.bad_box, rng, cfg.fallback_box)
+        ):
             rows.append(
                 {
                     "uid": q.uid,
@@ -283,8 +279,8 @@ def _step1(chunk: _Chunk, policy: Any, templates: PromptTemplates, cfg: RolloutC
 def _step2(
     rows: list[dict],
     chunk: _Chunk,
-    policy: Any,
-    m_org: Any,
+    policy: Policy,
+    m_org: Policy,
     templates: PromptTemplates,
     cfg: RolloutConfig,
     scorers: tuple[Scorer, Scorer],
@@ -327,13 +323,13 @@ def _step2(
 
 def _run_chunk(
     chunk: _Chunk,
-    policy: Any,
-    m_org: Any,
+    policy: Policy,
+    m_org: Policy,
     templates: PromptTemplates,
     cfg: RolloutConfig,
     scorers: tuple[Scorer, Scorer],
-) -> list[dict]:
-    """Sample, parse, synthesise, crop, answer and score every candidate of one chunk; rows in order.
+) -> list[Candidate]:
+    """Sample, parse, synthesise, crop, answer and score every candidate of one chunk; in order.
 
     Weights are fixed within a chunk, so each model's vision features of an image (the full view in both
     steps, a crop when answering and when crop-scoring) are computed once (``VLMPolicy.vision_cache``).
@@ -344,9 +340,9 @@ def _run_chunk(
                 stack.enter_context(model.vision_cache())
         rows = _step1(chunk, policy, templates, cfg)
         _step2(rows, chunk, policy, m_org, templates, cfg, scorers)
-    for row in rows:
+    for row in rows:  # the Box objects (exact pixels kept while cropping) become canonical xyxy lists
         row["box"] = list(row["box"].as_tuple()) if row["box"] is not None else None
-    return rows
+    return [Candidate(**row) for row in rows]
 
 
 # ---------------------------------------------------------------------------------------------- resume
@@ -360,8 +356,8 @@ def _plan(
 
 
 def generate_candidates(
-    policy: Any,
-    m_org: Any,
+    policy: Policy,
+    m_org: Policy,
     questions: Sequence[VisCoTRecord | RolloutQuestion],
     templates: PromptTemplates,
     cfg: RolloutConfig,
@@ -371,9 +367,9 @@ def generate_candidates(
     image_root: Path | str,
     shard: tuple[int, int] = (0, 1),
     *,
-    on_chunk: Callable[[int, list[dict]], None] | None = None,
-) -> list[dict]:
-    """Generate (or finish generating) the candidates of ``questions``; returns this shard's rows.
+    on_chunk: Callable[[int, list[Candidate]], None] | None = None,
+) -> list[Candidate]:
+    """Generate (or finish generating) the candidates of ``questions``; returns this shard's candidates.
 
     ``policy`` samples (a :class:`~visrl.models.policy.VLMPolicy`: ``generate`` and ``backbone`` with
     ``box_format`` and ``image_size``); ``m_org`` is what the scorers call. Rows go to ``out_path``
@@ -392,7 +388,7 @@ def generate_candidates(
     meta = {
         "version": META_VERSION,
         "n_questions": len(qs),
-        "questions_sha256": hashlib.sha256(fingerprint.encode()).hexdigest(),
+        "questions_sha256": text_sha256(fingerprint),
         "config": dataclasses.asdict(cfg),
         "shard": [rank, world],
         "answer_scorer": _scorer_id(answer_scorer),
@@ -411,7 +407,7 @@ def generate_candidates(
         images = [load_rgb(resolve(image_root, q.image_path)) for q in qs[start : start + n]]
         chunk = _Chunk(c, start, qs[start : start + n], images, [to_view(im, size) for im in images])
         rows = _run_chunk(chunk, policy, m_org, templates, cfg, (answer_scorer, crop_scorer))
-        append_lines(path, [json.dumps(r) for r in rows])
+        append_lines(path, [json.dumps(r.to_json()) for r in rows])
         done[c] = rows
         n_new += len(rows)
         log.info(

@@ -1,9 +1,9 @@
-"""Candidate scorers of VisRL's self-evolution data (paper §3.2; reference-method.md §2.2 step 3).
+"""Candidate scorers of VisRL's self-evolution data (paper §3.2; the reference's ``data_gen`` scoring step).
 
 Every candidate (box -> crop -> answer) gets two scores in [0, 1] from M_org, the model that judges
 (the SFT model, or the previous iteration's): an **answer score** (is the answer right?) and a **crop
 score** (does the crop alone hold what the question asks?). :mod:`visrl.rollout.filter` turns them into
-preference pairs. Scorers are chosen by config (Hydra ``_target_``, or :func:`get_scorer` by name):
+preference pairs. Scorers are chosen by config (Hydra ``_target_`` in ``conf/scorer``):
 
 * :class:`JudgeAnswerScorer` / :class:`JudgeCropScorer` -- the reference: M_org is prompted with the two
   judge prompts (paraphrased below) and decodes greedily; the reply ``{"score": x}`` is parsed by
@@ -31,15 +31,14 @@ from enum import Enum
 from typing import Any, ClassVar, Protocol
 
 from PIL import Image
-from torch import Tensor
 
 from visrl.benchmarks.metrics import anls, exact_match
 from visrl.data.prompts import IMAGE_MARKER, Message, Prompt, user
+from visrl.models.protocols import Policy
 
 __all__ = [
     "ANSWER_JUDGE_PROMPT",
     "CROP_JUDGE_PROMPT",
-    "SCORERS",
     "JudgeAnswerScorer",
     "JudgeCropScorer",
     "JudgeFailure",
@@ -48,8 +47,6 @@ __all__ = [
     "ScoreItem",
     "ScoreResult",
     "Scorer",
-    "ScoringPolicy",
-    "get_scorer",
     "parse_judge_score",
 ]
 
@@ -75,22 +72,10 @@ class ScoreResult:
     raw: str | None = None
 
 
-class ScoringPolicy(Protocol):
-    """The part of :class:`visrl.models.policy.VLMPolicy` the scorers use (M_org)."""
-
-    def generate(
-        self, prompts: Sequence[Prompt], *, max_new_tokens: int, temperature: float = 0.0, **kw: Any
-    ) -> list[list[str]]: ...
-
-    def completion_logprobs(
-        self, prompts: Sequence[Prompt], completions: Sequence[str], reduction: str = "sum"
-    ) -> Tensor: ...
-
-
 class Scorer(Protocol):
     name: str
 
-    def score(self, items: Sequence[ScoreItem], policy: ScoringPolicy) -> list[ScoreResult]: ...
+    def score(self, items: Sequence[ScoreItem], policy: Policy) -> list[ScoreResult]: ...
 
 
 # ------------------------------------------------------------------------------------------ judge parsing
@@ -211,7 +196,7 @@ class _JudgeScorer:
         text = self.template.format(**{f: values[f] for f in self.fields})
         return [Message("user", (getattr(item, self.image_field), text))]
 
-    def score(self, items: Sequence[ScoreItem], policy: ScoringPolicy) -> list[ScoreResult]:
+    def score(self, items: Sequence[ScoreItem], policy: Policy) -> list[ScoreResult]:
         if not items:
             return []
         prompts = [self.prompt(item) for item in items]
@@ -264,7 +249,7 @@ class RuleAnswerScorer:
                 f"RuleAnswerScorer: unknown metric {self.metric!r}; valid metrics: {sorted(RULE_METRICS)}"
             )
 
-    def score(self, items: Sequence[ScoreItem], policy: ScoringPolicy | None = None) -> list[ScoreResult]:
+    def score(self, items: Sequence[ScoreItem], policy: Policy | None = None) -> list[ScoreResult]:
         fn = RULE_METRICS[self.metric]
         return [ScoreResult(float(fn(item.answer, item.standard_answer)), None) for item in items]
 
@@ -293,7 +278,7 @@ class LikelihoodCropScorer:
                 f"LikelihoodCropScorer: reduction must be 'sum' or 'mean', got {self.reduction!r}"
             )
 
-    def score(self, items: Sequence[ScoreItem], policy: ScoringPolicy) -> list[ScoreResult]:
+    def score(self, items: Sequence[ScoreItem], policy: Policy) -> list[ScoreResult]:
         if not items:
             return []
         prompts = [[user(self.template, [item.crop], question=item.question)] for item in items]
@@ -323,7 +308,7 @@ class RandomScorer:
     seed: int = 0
     name: ClassVar[str] = "random"
 
-    def score(self, items: Sequence[ScoreItem], policy: ScoringPolicy | None = None) -> list[ScoreResult]:
+    def score(self, items: Sequence[ScoreItem], policy: Policy | None = None) -> list[ScoreResult]:
         out = []
         for item in items:
             key = f"{self.seed}|{item.question}|{item.standard_answer}|{item.answer}|{_image_key(item.crop)}"
@@ -337,20 +322,3 @@ def _image_key(image: Any) -> str:
     if image is None:
         return ""
     return hashlib.sha256(image.tobytes()).hexdigest()[:16]
-
-
-SCORERS: dict[str, type] = {
-    cls.name: cls
-    for cls in (JudgeAnswerScorer, JudgeCropScorer, RuleAnswerScorer, LikelihoodCropScorer, RandomScorer)
-}
-
-
-def get_scorer(name: str, **kwargs: Any) -> Scorer:
-    """Build the scorer registered as ``name`` with ``kwargs``; an unknown name lists the valid ones."""
-    try:
-        cls = SCORERS[name]
-    except KeyError:
-        raise ValueError(
-            f"visrl.rollout.scorers: unknown scorer {name!r}; valid names: {sorted(SCORERS)}"
-        ) from None
-    return cls(**kwargs)

@@ -1,147 +1,38 @@
-"""Base-model preparation for tiny backbones: what a pretrained LMM would bring to the synthetic world.
+"""Base-model preparation of tiny backbones: the cache of the prepared base model, keyed by configuration.
 
-VisRL starts from a pretrained multimodal model (Qwen2-VL-7B, LLaVA-1.5-7B). Weights cannot be downloaded
-here, so the tiny default backbone is first taught *generic* skills of the synthetic world, never the
-intention -> region pairs that VisRL avoids annotating:
-
-* ``point``: "Where is the object?" + a view holding one lone object of constant look -> its box (reading the
-  attended token's position: learnable in minutes because the object's key is constant);
-* ``read`` (reading a clear view, like OCR pretraining): a close-up of one object + the question about it ->
-  the pattern, with the ``direct`` template (also the prompt of the likelihood crop scorer);
-* ``locate`` ("Where is the circle?" among several objects) and ``colour`` ("What colour is the object in
-  [1, 2, 2, 3]?"): referring grounding and region description. Available, but off in the default recipe: a
-  tiny model did not learn them within the CPU budget (docs/toy-scale-status.md).
-
-The CoT questions ask for the red object among distractors ("What pattern is on the red object? Please
-provide the bounding box ..."): a prompt the base never saw, on scenes with distractors (the base only points
-at lone objects). So the SFT warm-up starts from a model that can point and read but has to learn from a few
-annotated examples which region a question needs: partial boxes, the room VisRL's self-evolution closes.
-The result is cached under a key derived from its configuration (a second run reuses it; any change of model,
-world or schedule rebuilds it). Real backbones skip this stage.
+VisRL starts from a pretrained multimodal model; weights cannot be downloaded here, so the tiny default
+backbone is first trained on generic skills of the synthetic world (:mod:`visrl.data.skills`, measured by
+:mod:`visrl.benchmarks.skills`). The result is cached under a key derived from its configuration
+(:func:`visrl.data.hashing.cache_key` of :func:`key_material`): a second run reuses it; any change of
+model, world, skills or schedule rebuilds it. Real backbones skip this stage.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
-import json
-import random
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
-from visrl.data.images import crop_view, to_view
-from visrl.data.prompts import PromptTemplates, user
-from visrl.data.rows import Row
-from visrl.data.synthetic import Scene, WorldConfig, render_scene, sample_scene
+from visrl.data.skills import BaseSkills
+from visrl.data.synthetic import WorldConfig
 
-
-@dataclass(frozen=True)
-class BaseSkills:
-    """Which generic skills, on how many scenes, and the prompts that ask for them."""
-
-    n_scenes: int = 4000
-    locate: int = 1  # rows per scene of each skill
-    colour: int = 1
-    read: int = 1
-    single_object: float = 0.0  # share of scenes with one object: "where" is learnable before "which"
-    point: int = 0  # rows per scene of pointing at a lone object of constant look (see base_rows)
-    point_prompt: str = "Where is the object?\n<image>"
-    point_look: tuple[str, str] = ("red", "square")  # colour, shape of the pointing object
-    locate_prompt: str = "Where is the {shape}?\n<image>"
-    colour_prompt: str = "What colour is the object in {box}?\n<image>"
-    seed: int = 1234
+__all__ = ["cached_base", "key_material"]
 
 
-def base_rows(world: WorldConfig, skills: BaseSkills, backbone, templates: PromptTemplates) -> list[Row]:
-    """Encode the base-skill rows (deterministic from ``skills.seed``)."""
-    rng = random.Random(skills.seed)
-    enc, fmt, size = backbone.encoder, backbone.box_format, backbone.image_size
-    rows: list[Row] = []
-
-    def add(prompt, completion: str, step: str, i: int) -> None:
-        rows.append(Row(enc.encode_prompt(prompt), (enc.encode_completion(completion),), step, f"base:{i}"))
-
-    single = dataclasses.replace(world, n_objects=1)
-    marker = point_world(world, skills)
-    for i in range(skills.n_scenes):
-        scene = sample_scene(rng, single if rng.random() < skills.single_object else world)
-        image = render_scene(scene, world, seed=rng.randrange(2**31))
-        full = to_view(image, size)
-        for _ in range(skills.point):
-            # a lone object that always looks the same: its key is constant, so learning to read the attended
-            # token's position has a first-order gradient (the 2-hop "which + where" circuit does not)
-            lone = sample_scene(rng, marker)
-            view = to_view(render_scene(lone, world, seed=rng.randrange(2**31)), size)
-            add([user(skills.point_prompt, [view])], box_text(lone, lone.objects[0], fmt), "point", i)
-        for _ in range(skills.locate):
-            obj = rng.choice(scene.objects)
-            add([user(skills.locate_prompt, [full], shape=obj.shape, colour=obj.colour)], box_text(scene, obj, fmt), "locate", i)
-        for _ in range(skills.colour):
-            obj = rng.choice(scene.objects)
-            add([user(skills.colour_prompt, [full], box=box_text(scene, obj, fmt))], obj.colour, "colour", i)
-        for _ in range(skills.read):
-            obj = rng.choice(scene.objects)
-            written = fmt.parse(box_text(scene, obj, fmt), image.size)
-            crop = crop_view(image, written.box if written.ok else scene.box(obj), size)
-            question = world.question.format(colour=obj.colour)
-            add(templates.direct_prompt(question, crop), obj.pattern, "read", i)
-    return rows
-
-
-def point_world(world: WorldConfig, skills: BaseSkills) -> WorldConfig:
-    """The world of the pointing skill: one object of colour and shape ``skills.point_look``."""
-    colour, shape = skills.point_look
-    return dataclasses.replace(world, n_objects=1, colours=(colour,), shapes=(shape,), target_colours=(),
-                               distinct_shapes=False, distinct_patterns=False)
-
-
-def box_text(scene: Scene, obj, box_format) -> str:
-    return box_format.format(scene.box(obj), (scene.size, scene.size))
-
-
-def cache_key(material: dict) -> str:
-    """A short stable hash of everything that determines the base model."""
-    blob = json.dumps(material, sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
-def key_material(model_cfg: dict, world: WorldConfig, skills: BaseSkills, schedule: dict) -> dict:
-    return {"model": model_cfg, "world": asdict(world), "skills": asdict(skills), "schedule": schedule,
-            "version": 1}
+def key_material(
+    model_cfg: dict[str, Any], world: WorldConfig, skills: BaseSkills, schedule: dict[str, Any]
+) -> dict[str, Any]:
+    """Everything that determines the base model (hashed by :func:`visrl.data.hashing.cache_key`)."""
+    return {
+        "model": model_cfg,
+        "world": asdict(world),
+        "skills": asdict(skills),
+        "schedule": schedule,
+        "version": 1,
+    }
 
 
 def cached_base(cache_root: Path, key: str) -> Path | None:
+    """The finished cache entry ``cache_root/key`` (it has ``DONE``), else None."""
     path = cache_root / key
     return path if (path / "DONE").exists() else None
-
-
-def evaluate_base(policy, world: WorldConfig, skills: BaseSkills, templates: PromptTemplates, n: int = 128,
-                  seed: int = 999) -> dict[str, float]:
-    """Greedy accuracy of each base skill on ``n`` fresh scenes (exact text match), e.g. ``base/locate``."""
-    rng = random.Random(seed)
-    fmt, size = policy.backbone.box_format, policy.backbone.image_size
-    prompts: dict[str, list] = {"point": [], "locate": [], "colour": [], "read": []}
-    golds: dict[str, list[str]] = {k: [] for k in prompts}
-    marker = point_world(world, skills)
-    for _ in range(n):
-        lone = sample_scene(rng, marker)
-        view = to_view(render_scene(lone, world, seed=rng.randrange(2**31)), size)
-        prompts["point"].append([user(skills.point_prompt, [view])])
-        golds["point"].append(box_text(lone, lone.objects[0], fmt))
-        scene = sample_scene(rng, world)
-        image = render_scene(scene, world, seed=rng.randrange(2**31))
-        full = to_view(image, size)
-        obj = rng.choice(scene.objects)
-        prompts["locate"].append([user(skills.locate_prompt, [full], shape=obj.shape, colour=obj.colour)])
-        golds["locate"].append(box_text(scene, obj, fmt))
-        prompts["colour"].append([user(skills.colour_prompt, [full], box=box_text(scene, obj, fmt))])
-        golds["colour"].append(obj.colour)
-        written = fmt.parse(box_text(scene, obj, fmt), image.size)
-        crop = crop_view(image, written.box if written.ok else scene.box(obj), size)
-        prompts["read"].append(templates.direct_prompt(world.question.format(colour=obj.colour), crop))
-        golds["read"].append(obj.pattern)
-    out = {}
-    for skill, ps in prompts.items():
-        preds = [o[0].strip() for o in policy.generate(ps, max_new_tokens=24)]
-        out[f"base/{skill}"] = sum(p == g for p, g in zip(preds, golds[skill])) / n
-    return out

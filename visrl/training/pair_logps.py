@@ -29,10 +29,9 @@ takes no arbitrary 4-D mask (FlashAttention-2 on GPUs; ``sdpa`` and ``eager`` do
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from visrl.models.logprobs import IGNORE_INDEX, sequence_logps
 
@@ -56,12 +55,12 @@ class PackedPairs:
     n: int  # number of pairs B
 
 
-def _unwrap(model: Any) -> Any:
+def _unwrap(model: nn.Module) -> nn.Module:
     """The ``PreTrainedModel`` under a ``peft.PeftModel`` (or the model itself)."""
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
-def supports_packing(model: Any) -> bool:
+def supports_packing(model: nn.Module) -> bool:
     """Whether the model's attention accepts the custom 4-D mask (``sdpa`` / ``eager``)."""
     config = _unwrap(model).config
     text = getattr(config, "text_config", None)
@@ -98,7 +97,7 @@ def _shared_vision(batch: dict[str, Tensor]) -> dict[str, Tensor] | None:
     return vision
 
 
-def _prompt_positions(model: Any, prompts: list[tuple[Tensor, Tensor]], vision: dict[str, Tensor]) -> Tensor:
+def _prompt_positions(model: nn.Module, prompts: list[tuple[Tensor, Tensor]], vision: dict[str, Tensor]) -> Tensor:
     """Position ids of each prompt (right padded): ``[3, B, Pmax]`` M-RoPE or ``[1, B, Pmax]`` 1-D RoPE.
 
     Qwen models compute M-RoPE positions with their own ``get_rope_index`` (images get 3-D grid positions,
@@ -162,7 +161,7 @@ def _layout(rows: list[tuple[Tensor, Tensor, Tensor, Tensor]], positions: Tensor
     return out
 
 
-def pack_pairs(model: Any, batch: dict[str, Tensor], n: int) -> PackedPairs | None:
+def pack_pairs(model: nn.Module, batch: dict[str, Tensor], n: int) -> PackedPairs | None:
     """Pack a chosen-then-rejected batch of ``2n`` rows into ``n`` rows; None when pairs do not share
     their prompt (token ids or images differ) or the batch has token fields this packing does not carry."""
     if batch["input_ids"].shape[0] != 2 * n:
@@ -210,7 +209,7 @@ def _block_mask(segments: Tensor, dtype: torch.dtype, boolean: bool) -> Tensor:
     return torch.where(allowed, zero, torch.finfo(dtype).min)[:, None]
 
 
-def packed_logps(model: Any, packed: PackedPairs) -> tuple[Tensor, Tensor]:
+def packed_logps(model: nn.Module, packed: PackedPairs) -> tuple[Tensor, Tensor]:
     """(summed completion log-probs [2B] fp32, completion token counts [2B]); rows [:B] chosen, [B:] rejected."""
     config = _unwrap(model).config
     impl = getattr(getattr(config, "text_config", config), "_attn_implementation", "sdpa")
@@ -232,7 +231,7 @@ def packed_logps(model: Any, packed: PackedPairs) -> tuple[Tensor, Tensor]:
 
 
 def pair_logps(
-    model: Any, batch: dict[str, Tensor], n: int, share_prompt: bool = True
+    model: nn.Module, batch: dict[str, Tensor], n: int, share_prompt: bool = True
 ) -> tuple[Tensor, Tensor]:
     """Summed log-probs [2n] and token counts [2n] of a chosen-then-rejected batch of ``2n`` rows.
 

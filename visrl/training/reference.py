@@ -1,13 +1,13 @@
 """Reference-model log-probs for step-level DPO: strategies, one-off precomputation, and a disk cache.
 
-Why: DPO (VisRL §3.4; reference-method.md §2.4) compares the policy with a frozen reference ``π_ref``.
+Why: DPO (VisRL §3.4) compares the policy with a frozen reference ``π_ref``.
 The reference implementation (LoRA) uses the adapter-disabled model; full fine-tuning needs a frozen copy.
 Both give the same numbers every epoch, so the pipeline computes them **once per iteration**
 (:func:`compute_reference_logps`), stores them on the rows, and trains with :class:`PrecomputedReference`:
 no second model in memory, no reference forward per step. :class:`ReferenceCache` keys the values by
 (reference model, data, processor) fingerprints, so a beta / loss sweep over the same pairs reuses them.
 
-Strategies return ``(ref_chosen [B], ref_rejected [B])`` for a *pair batch* ``{"step", "n", "batch"}``
+Strategies return ``(ref_chosen [B], ref_rejected [B])`` for a :class:`~visrl.data.rows.PairBatch`
 (``batch``: the encoder's collate of B chosen rows, then the B rejected rows), always without gradients
 and with dropout off, through :func:`visrl.training.pair_logps.pair_logps` (prompt shared per pair).
 """
@@ -17,16 +17,17 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import os
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from visrl.data.rows import Row
+from visrl.data.hashing import hash_tensor
+from visrl.data.io import read_json, write_json_atomic
+from visrl.data.rows import PairBatch, Row, pair_batch
+from visrl.models.protocols import Encoder
 from visrl.training.pair_logps import pair_logps
 
 __all__ = [
@@ -37,9 +38,7 @@ __all__ = [
     "ReferenceStrategy",
     "compute_reference_logps",
     "model_fingerprint",
-    "pair_batch",
     "processor_fingerprint",
-    "rows_fingerprint",
     "to_model",
 ]
 
@@ -50,17 +49,16 @@ def to_model(batch: Mapping[str, Tensor], model: nn.Module) -> dict[str, Tensor]
     return {k: v.to(p.device, dtype=p.dtype if v.is_floating_point() else None) for k, v in batch.items()}
 
 
-def _pair_logps_eval(model: nn.Module, pairs: Mapping[str, Any], share_prompt: bool) -> tuple[Tensor, Tensor]:
+def _pair_logps_eval(model: nn.Module, pairs: PairBatch, share_prompt: bool) -> tuple[Tensor, Tensor]:
     """No-grad, dropout-off summed log-probs of a pair batch: (chosen [B], rejected [B])."""
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
-            sums, _ = pair_logps(model, to_model(pairs["batch"], model), pairs["n"], share_prompt)  # [2B]
+            sums, _ = pair_logps(model, to_model(pairs.batch, model), pairs.n, share_prompt)  # [2B]
     finally:
         model.train(was_training)
-    n = pairs["n"]
-    return sums[:n], sums[n:]
+    return sums[: pairs.n], sums[pairs.n :]
 
 
 class ReferenceStrategy(ABC):
@@ -69,7 +67,7 @@ class ReferenceStrategy(ABC):
     share_prompt: bool = True
 
     @abstractmethod
-    def logps(self, pairs: Mapping[str, Any], policy: nn.Module | None = None) -> tuple[Tensor, Tensor]:
+    def logps(self, pairs: PairBatch, policy: nn.Module | None = None) -> tuple[Tensor, Tensor]:
         """``(ref_chosen [B], ref_rejected [B])`` summed log-probs for a pair batch, without gradients."""
 
 
@@ -83,7 +81,7 @@ class AdapterDisabledReference(ReferenceStrategy):
         self.model = model
         self.share_prompt = share_prompt
 
-    def logps(self, pairs: Mapping[str, Any], policy: nn.Module | None = None) -> tuple[Tensor, Tensor]:
+    def logps(self, pairs: PairBatch, policy: nn.Module | None = None) -> tuple[Tensor, Tensor]:
         model = policy if policy is not None else self.model
         if model is None or not hasattr(model, "disable_adapter"):
             raise TypeError(
@@ -105,8 +103,8 @@ class FrozenCopyReference(ReferenceStrategy):
         self.model = _frozen(model, copy)
         self.share_prompt = share_prompt
 
-    def logps(self, pairs: Mapping[str, Any], policy: nn.Module | None = None) -> tuple[Tensor, Tensor]:
-        device = pairs["batch"]["input_ids"].device
+    def logps(self, pairs: PairBatch, policy: nn.Module | None = None) -> tuple[Tensor, Tensor]:
+        device = pairs.batch["input_ids"].device
         if next(self.model.parameters()).device != device:
             self.model.to(device)
         return _pair_logps_eval(self.model, pairs, self.share_prompt)
@@ -126,31 +124,17 @@ def _frozen(model: nn.Module, make_copy: bool) -> nn.Module:
 class PrecomputedReference(ReferenceStrategy):
     """Reference log-probs carried by the batch (``ref_chosen`` / ``ref_rejected``, [B] each)."""
 
-    def logps(self, pairs: Mapping[str, Any], policy: nn.Module | None = None) -> tuple[Tensor, Tensor]:
-        missing = [k for k in ("ref_chosen", "ref_rejected") if k not in pairs]
-        if missing:
+    def logps(self, pairs: PairBatch, policy: nn.Module | None = None) -> tuple[Tensor, Tensor]:
+        if pairs.ref_chosen is None or pairs.ref_rejected is None:
             raise KeyError(
-                f"PrecomputedReference: the {pairs.get('step', '?')!r} pair batch has no {missing}; "
-                "attach reference log-probs to the rows first (visrl.training.reference."
-                "compute_reference_logps) or train with AdapterDisabledReference / FrozenCopyReference"
+                f"PrecomputedReference: the {pairs.step!r} pair batch has no ref_chosen / ref_rejected; "
+                "attach reference log-probs to the rows first (visrl.training.ref_logps."
+                "attach_reference_logps) or train with AdapterDisabledReference / FrozenCopyReference"
             )
-        return pairs["ref_chosen"], pairs["ref_rejected"]
+        return pairs.ref_chosen, pairs.ref_rejected
 
 
 # ---- precomputation ------------------------------------------------------------------------------------
-def pair_batch(rows: Sequence[Row], encoder: Any) -> dict[str, Any]:
-    """B preference rows of one step -> ``{"step", "n", "batch"}`` (chosen rows then rejected rows)."""
-    for i, r in enumerate(rows):
-        if len(r.completions) != 2:
-            raise ValueError(
-                f"pair_batch: row {i} (uid {r.uid!r}) has {len(r.completions)} completions, not 2"
-            )
-    rejected_prompts = [getattr(r, "rejected_prompt", None) or r.prompt for r in rows]
-    prompts = [r.prompt for r in rows] + rejected_prompts
-    completions = [r.completions[0] for r in rows] + [r.completions[1] for r in rows]
-    return {"step": rows[0].step, "n": len(rows), "batch": encoder.collate(prompts, completions, "right")}
-
-
 def _row_batches(rows: Sequence[Row], batch_size: int) -> list[list[int]]:
     """Row indices grouped by step, sorted by length (little padding), cut into batches."""
     order = sorted(range(len(rows)), key=lambda i: (rows[i].step, rows[i].length))
@@ -165,8 +149,8 @@ def _row_batches(rows: Sequence[Row], batch_size: int) -> list[list[int]]:
 
 def compute_reference_logps(
     model_or_strategy: nn.Module | ReferenceStrategy,
-    rows_or_loader: Sequence[Row] | Iterable[Mapping[str, Any]],
-    encoder: Any = None,
+    rows_or_loader: Sequence[Row] | Iterable[PairBatch],
+    encoder: Encoder | None = None,
     batch_size: int = 16,
 ) -> list[tuple[float, float]]:
     """Summed reference log-probs ``(chosen, rejected)`` per pair, computed once, batched, without gradients.
@@ -187,7 +171,9 @@ def compute_reference_logps(
         rows = list(rows_or_loader)
         out: list[tuple[float, float]] = [(0.0, 0.0)] * len(rows)
         for idx in _row_batches(rows, batch_size):
-            chosen, rejected = strategy.logps(pair_batch([rows[i] for i in idx], encoder))
+            chosen, rejected = strategy.logps(
+                pair_batch([rows[i] for i in idx], encoder, with_reference=False)
+            )
             for j, i in enumerate(idx):
                 out[i] = (float(chosen[j]), float(rejected[j]))
         return out
@@ -199,44 +185,26 @@ def compute_reference_logps(
 
 
 # ---- fingerprints and cache ----------------------------------------------------------------------------
-def _hash_tensor(h: Any, t: Tensor) -> None:
-    t = t.detach().cpu().contiguous()
-    h.update(f"{tuple(t.shape)}{t.dtype}".encode())
-    h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-
-
 def model_fingerprint(model: nn.Module) -> str:
     """Digest of every parameter and buffer (names, shapes, dtypes, bytes): same weights, same digest."""
     h = hashlib.blake2b(digest_size=16)
     for name, t in [*model.named_parameters(), *model.named_buffers()]:
         h.update(name.encode())
-        _hash_tensor(h, t)
+        hash_tensor(h, t)
     return h.hexdigest()
 
 
-def rows_fingerprint(rows: Sequence[Row]) -> str:
-    """Digest of the encoded pairs: step, prompt ids and vision tensors, both completions, in order."""
-    h = hashlib.blake2b(digest_size=16)
-    for r in rows:
-        prompts = [r.prompt, getattr(r, "rejected_prompt", None)]
-        h.update(json.dumps([r.step, r.uid, [list(c) for c in r.completions]]).encode())
-        for p in prompts:
-            if p is None:
-                h.update(b"-")
-                continue
-            h.update(json.dumps([p.input_ids, p.token_type_ids]).encode())
-            for key in sorted(p.vision):
-                h.update(key.encode())
-                _hash_tensor(h, p.vision[key])
-    return h.hexdigest()
-
-
-def processor_fingerprint(encoder: Any) -> str:
+def processor_fingerprint(encoder: Encoder) -> str:
     """Digest of the tokenizer vocabulary, chat template and image-processor settings."""
-    tok = encoder.tokenizer
-    image = encoder.image_processor
+    tok = encoder.tokenizer  # type: ignore[attr-defined]  # VLMEncoder's
+    image = encoder.image_processor  # type: ignore[attr-defined]
     settings = image.to_dict() if hasattr(image, "to_dict") else vars(image)
-    parts = [sorted(tok.get_vocab().items()), encoder.chat_template, type(encoder).__name__, settings]
+    parts = [
+        sorted(tok.get_vocab().items()),
+        encoder.chat_template,  # type: ignore[attr-defined]
+        type(encoder).__name__,
+        settings,
+    ]
     return hashlib.blake2b(
         json.dumps(parts, sort_keys=True, default=str).encode(), digest_size=16
     ).hexdigest()
@@ -246,7 +214,7 @@ class ReferenceCache:
     """Reference log-probs on disk, one JSON file per key: ``<root>/<digest>.json``.
 
     ``key_parts`` name what the values depend on, e.g. ``{"model": model_fingerprint(ref), "data":
-    rows_fingerprint(rows), "processor": processor_fingerprint(encoder)}``; beta, the loss and the stage
+    rows_fingerprint(rows)  (visrl.data.hashing), "processor": processor_fingerprint(encoder)}``; beta, the loss and the stage
     weights are deliberately not part of it (the values do not depend on them).
     """
 
@@ -263,15 +231,12 @@ class ReferenceCache:
         """The cached values for ``key_parts``, or ``fn()`` written atomically then returned."""
         path = self.path(key_parts)
         if path.is_file():
-            data = json.loads(path.read_text())
+            data = read_json(path)
             if data.get("key") != dict(key_parts):
                 raise ValueError(
                     f"ReferenceCache: {path}: field 'key' {data.get('key')} != {dict(key_parts)}"
                 )
             return [tuple(v) for v in data["logps"]]
         values = [(float(c), float(r)) for c, r in fn()]
-        self.root.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_text(json.dumps({"key": dict(key_parts), "logps": values}))
-        tmp.replace(path)
+        write_json_atomic(path, {"key": dict(key_parts), "logps": values})
         return values

@@ -1,14 +1,14 @@
 """Two-stage step-level DPO (VisRL §3.4) as one LightningModule; the stages are data (step weights).
 
-The reference trains each iteration in two stages on the same preference pairs (reference-method.md §2.4):
+The reference implementation trains each iteration in two stages on the same preference pairs:
 
 * stage 1, weights ``{"box": 1.0}``: ``L1 = L_DPO(x1 = (I, q); b_w, b_l)``;
 * stage 2, weights ``{"box": 0.5, "answer": 0.5}``:
   ``L2 = 0.5 L_DPO(x1; b_w, b_l) + 0.5 L_DPO(x2 = (I, q, c(b_w)); a_w, a_l)``.
 
-A batch holds the pairs of ONE step (``{"step", "n", "batch", ["ref_chosen", "ref_rejected"]}``, see
-:mod:`visrl.data.preference`), so one-image box prompts are never padded to two-image answer prompts. The
-loss of a batch is ``weights[step] * mean_B(L_DPO)``. Over an epoch that visits every pair's box row and
+A batch holds the pairs of ONE step (a :class:`~visrl.data.rows.PairBatch`, served by
+:mod:`visrl.training.datamodules`), so one-image box prompts are never padded to two-image answer prompts.
+The loss of a batch is :func:`visrl.losses.step_dpo_loss` of its one step: ``weights[step] * mean_B(L_DPO)``. Over an epoch that visits every pair's box row and
 answer row once, the sum of these batch losses is ``sum_pairs (0.5 L_box + 0.5 L_answer) / B``: the
 reference's per-example 0.5/0.5 objective, in expectation over the order of batches (each optimizer step
 sees one step's term, the epoch sees both).
@@ -16,7 +16,7 @@ sees one step's term, the epoch sees both).
 Per step: one forward for chosen + rejected, with each pair's prompt and images encoded once
 (:func:`visrl.training.pair_logps.pair_logps`), reference log-probs read from the batch when precomputed
 (:mod:`visrl.training.reference`) or else from the reference strategy, then
-:func:`visrl.losses.preference_loss`. A step with weight 0, or absent from ``weights``, is skipped
+:func:`visrl.losses.preference_loss` and :func:`visrl.losses.step_dpo_loss`. A step with weight 0, or absent from ``weights``, is skipped
 (``training_step`` returns None and Lightning's automatic optimisation skips backward and the update).
 """
 
@@ -31,7 +31,15 @@ import pytorch_lightning as pl
 import torch
 from torch import Tensor
 
-from visrl.losses import PREFERENCE_LOSSES, PreferenceLossOutput, preference_loss, sft_term
+from visrl.data.rows import PairBatch
+from visrl.losses import (
+    PREFERENCE_LOSSES,
+    PreferenceLossOutput,
+    check_step_weights,
+    preference_loss,
+    sft_term,
+    step_dpo_loss,
+)
 from visrl.training.fit import trainable_state
 from visrl.training.pair_logps import pair_logps
 from visrl.training.reference import PrecomputedReference, ReferenceStrategy, to_model
@@ -64,15 +72,6 @@ class StepOutput:
         if self.sft is not None:
             m["sft"] = self.sft.mean()
         return m
-
-
-def _check_weights(weights: Mapping[str, float]) -> dict[str, float]:
-    bad = {k: w for k, w in weights.items() if not (math.isfinite(w) and w >= 0)}
-    if not weights or bad or not any(weights.values()):
-        raise ValueError(
-            f"StepDPOModule: weights must map steps to finite weights >= 0, not all zero; got {dict(weights)}"
-        )
-    return {str(k): float(w) for k, w in weights.items()}
 
 
 class StepDPOModule(pl.LightningModule):
@@ -112,24 +111,24 @@ class StepDPOModule(pl.LightningModule):
         self.model = model
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
-        self.weights = _check_weights(weights if weights is not None else {"box": 1.0})
+        self.weights = check_step_weights(weights if weights is not None else {"box": 1.0}, "StepDPOModule")
         self.loss_name, self.beta, self.label_smoothing, self.ftx = loss, beta, label_smoothing, ftx
         self.reference = reference if reference is not None else PrecomputedReference()
         self.share_prompt = share_prompt
 
-    def forward(self, pairs: Mapping[str, Any]) -> tuple[Tensor, Tensor]:
+    def forward(self, pairs: PairBatch) -> tuple[Tensor, Tensor]:
         """Policy summed log-probs [2B] and completion token counts [2B] (chosen rows, then rejected)."""
-        return pair_logps(self.model, to_model(pairs["batch"], self.model), pairs["n"], self.share_prompt)
+        return pair_logps(self.model, to_model(pairs.batch, self.model), pairs.n, self.share_prompt)
 
-    def reference_logps(self, pairs: Mapping[str, Any]) -> tuple[Tensor, Tensor]:
+    def reference_logps(self, pairs: PairBatch) -> tuple[Tensor, Tensor]:
         """``(ref_chosen [B], ref_rejected [B])``: from the batch when precomputed, else the strategy."""
-        if "ref_chosen" in pairs and "ref_rejected" in pairs:
-            return pairs["ref_chosen"], pairs["ref_rejected"]
+        if pairs.ref_chosen is not None and pairs.ref_rejected is not None:
+            return pairs.ref_chosen, pairs.ref_rejected
         return self.reference.logps(pairs, policy=self.model)
 
-    def step_output(self, pairs: Mapping[str, Any]) -> StepOutput:
+    def step_output(self, pairs: PairBatch) -> StepOutput:
         """Loss and metrics of one pair batch of a weighted step."""
-        step, n = pairs["step"], int(pairs["n"])
+        step, n = pairs.step, int(pairs.n)
         logps, n_tokens = self(pairs)  # [2B], [2B]
         chosen, rejected = logps[:n], logps[n:]  # [B] each
         ref_chosen, ref_rejected = self.reference_logps(pairs)
@@ -145,26 +144,32 @@ class StepDPOModule(pl.LightningModule):
             chosen_n_tokens=n_tokens[:n],
             rejected_n_tokens=n_tokens[n:],
         )
-        objective = out.losses.mean()
-        sft = None
-        if self.ftx:
-            sft = sft_term(chosen, n_tokens[:n])  # [B]
-            objective = objective + self.ftx * sft.mean()
+        sft = sft_term(chosen, n_tokens[:n]) if self.ftx else None  # [B]
+        loss = step_dpo_loss(
+            {step: out}, {step: self.weights[step]}, None if sft is None else {step: sft}, self.ftx
+        )
         return StepOutput(
-            self.weights[step] * objective,
+            loss,
             out,
             chosen.detach(),
             rejected.detach(),
             None if sft is None else sft.detach(),
         )
 
-    def _weighted(self, pairs: Mapping[str, Any]) -> bool:
-        if "step" not in pairs or "batch" not in pairs or "n" not in pairs:
-            raise KeyError(f"StepDPOModule: a pair batch needs 'step', 'n' and 'batch'; got {sorted(pairs)}")
-        return self.weights.get(pairs["step"], 0.0) > 0
+    def _weighted(self, pairs: PairBatch) -> bool:
+        if not isinstance(pairs, PairBatch):
+            raise TypeError(
+                f"StepDPOModule: a batch must be a visrl.data.rows.PairBatch, got {type(pairs).__name__}"
+            )
+        return self.weights.get(pairs.step, 0.0) > 0
 
-    def _log_step(self, split: str, pairs: Mapping[str, Any], result: StepOutput) -> None:
-        n, step = int(pairs["n"]), pairs["step"]
+    def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
+        if isinstance(batch, PairBatch):
+            return batch.to(device)
+        return super().transfer_batch_to_device(batch, device, dataloader_idx)
+
+    def _log_step(self, split: str, pairs: PairBatch, result: StepOutput) -> None:
+        n, step = int(pairs.n), pairs.step
         on_step = split == "train"
         for key, value in result.metrics().items():
             self.log(f"{split}/{step}/{key}", value, batch_size=n, on_step=on_step, on_epoch=not on_step)
@@ -177,11 +182,11 @@ class StepDPOModule(pl.LightningModule):
             prog_bar=on_step,
         )
 
-    def training_step(self, pairs: Mapping[str, Any], batch_idx: int) -> Tensor | None:
+    def training_step(self, pairs: PairBatch, batch_idx: int) -> Tensor | None:
         if not self._weighted(pairs):
             if self._trainer is not None and self.trainer.world_size > 1:
                 raise ValueError(
-                    f"StepDPOModule: a {pairs['step']!r} batch has no weight in {self.weights}; Lightning cannot "
+                    f"StepDPOModule: a {pairs.step!r} batch has no weight in {self.weights}; Lightning cannot "
                     "skip batches under distributed training: serve only weighted steps from the DataModule"
                 )
             return None  # automatic optimisation: no backward, no update for this batch
@@ -189,7 +194,7 @@ class StepDPOModule(pl.LightningModule):
         self._log_step("train", pairs, result)
         return result.loss
 
-    def validation_step(self, pairs: Mapping[str, Any], batch_idx: int) -> None:
+    def validation_step(self, pairs: PairBatch, batch_idx: int) -> None:
         if self._weighted(pairs):
             self._log_step("val", pairs, self.step_output(pairs))
 
