@@ -138,13 +138,14 @@ class RunLogger:
         self._step = -1  # last step used; -1 before the first call
         self._finished = False
         self._defined: set[str] = set()  # metrics whose axis was declared to the backend
-        self._phase_base: dict[
-            tuple[str, int | None], int
-        ] = {}  # (phase, iter) -> phase step of local step 0
-        self._past = _History(self.run_dir) if self.active and self.run_dir.is_dir() else None
+        self._phase_base: dict[tuple[str, int | None], int] = {}  # (phase, iter) -> step of local step 0
         if self.active:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            self._step = self._past.last_step if self._past else -1
+        self._past = _History(self.run_dir) if self.active else None  # what earlier processes logged here
+        # (axis, iter) -> last phase step, earlier processes and this one
+        self._phase_max = dict(self._past.phase_steps) if self._past else {}
+        if self._past is not None:
+            self._step = self._past.last_step
             if self.backend is not None:
                 self.backend.open(self.run_dir)
 
@@ -217,9 +218,8 @@ class RunLogger:
         key = (phase, iteration)
         if key not in self._phase_base:
             axis = f"{phase}/step"
-            done = self._past.phase_steps if self._past else {}
-            earlier = [v for (a, it), v in done.items() if a == axis and it is not None and iteration is not None
-                       and it < iteration]  # fmt: skip
+            earlier = [v for (a, it), v in self._phase_max.items()
+                       if a == axis and it is not None and iteration is not None and it < iteration]  # fmt: skip
             self._phase_base[key] = max(earlier, default=-1) + 1
         return self._phase_base[key] + int(local_step)
 
@@ -242,16 +242,16 @@ class RunLogger:
             return None
         row = {f"{phase}/{k}": v for k, v in metrics.items()}
         self._define(list(row), axis)
-        return self.log_metrics({**row, axis: at, **context}, step=step)
+        used = self.log_metrics({**row, axis: at, **context}, step=step)
+        self._phase_max[(axis, iteration)] = max(self._phase_max.get((axis, iteration), -1), at)
+        return used
 
     # -- media, artifacts, config --------------------------------------------------------------------
     def _once(self, entry: str) -> bool:
         """True the first time ``entry`` is seen in this run dir (recorded in ``logged.jsonl``; with no
         backend nothing is kept, so nothing is recorded)."""
-        if self.backend is None:
+        if self.backend is None or self._past is None:
             return True
-        if self._past is None:
-            self._past = _History(self.run_dir)
         if entry in self._past.logged:
             return False
         self._past.logged.add(entry)
