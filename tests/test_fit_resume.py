@@ -67,7 +67,10 @@ def test_interrupted_stage_resumes_at_its_last_epoch(
     crashed = Tiny(fail_at_epoch=2)
     with pytest.raises(RuntimeError, match="injected"):
         fit(crashed, Data(), tmp_path / "stage", 3, dict(QUIET), progress_bar=False)
-    assert last_checkpoint(tmp_path / "stage") is not None  # epochs 1 and 2 are in it
+    ckpt = last_checkpoint(tmp_path / "stage")  # epochs 1 and 2 are in it
+    assert ckpt is not None
+    state = torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]
+    assert set(state) == {"model.1.weight", "model.1.bias"}  # the trainable layer only
 
     resumed = Tiny()
     with caplog.at_level(logging.INFO, logger="visrl.progress"):
