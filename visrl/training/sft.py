@@ -68,10 +68,12 @@ def warmup_cosine(
 ) -> torch.optim.lr_scheduler.LambdaLR:
     """Linear warm-up over ``warmup_ratio`` of the steps, then cosine decay to ``min_ratio`` x the peak lr
     (the reference: cosine, warm-up 0.1): transformers' schedule, as the reference's trainer uses it, with the
-    warm-up given as a ratio of the fit's steps (a Hydra partial; the module supplies ``total_steps``)."""
+    warm-up given as a ratio of the fit's steps (a Hydra partial; the module supplies ``total_steps``).
+    The warm-up is rounded down: its first step has lr 0, so a fit too short for one warm-up step
+    (``total_steps * warmup_ratio < 1``, e.g. ``debug=fast``) gets none rather than a step that learns nothing."""
     from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
-    warmup = max(1, int(total_steps * warmup_ratio))
+    warmup = int(total_steps * warmup_ratio)
     return get_cosine_with_min_lr_schedule_with_warmup(
         optimizer, num_warmup_steps=warmup, num_training_steps=total_steps, min_lr_rate=min_ratio
     )
