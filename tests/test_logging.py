@@ -52,6 +52,15 @@ class RecordingBackend:
     def log_config(self, config: dict[str, Any]) -> None:
         self.calls.append(("config", config))
 
+    def define_metric(self, name: str, step_metric: str | None) -> None:
+        self.calls.append(("define", (name, step_metric)))
+
+    def log_images(self, key: str, images: list[Path], step: int) -> None:
+        self.calls.append(("images", (key, step)))
+
+    def log_summary(self, values: dict[str, Any]) -> None:
+        self.calls.append(("summary", values))
+
     def finish(self, exit_code: int = 0) -> None:
         self.calls.append(("finish", exit_code))
 

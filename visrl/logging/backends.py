@@ -11,7 +11,12 @@ plus tables, artifacts and config, which the mirror does not hold.
   ``group`` defaults to the Hydra sweep (multirun) and ``name`` to ``hydra.job.override_dirname``.
 * :class:`CsvBackend` -- ``<run_dir>/csv/metrics.csv`` (wide: one column per key, the file is rewritten when
   a new key appears), ``csv/tables/<key>/step_<s>.csv`` with images rendered to PNG next to it (boxes burnt
-  in), ``csv/artifacts.csv`` and ``csv/config.json``.
+  in), ``csv/artifacts.csv``, ``csv/images.csv``, ``csv/config.json`` and ``csv/summary.json``.
+
+W&B specifics: the run's id is kept in ``<run_dir>/wandb_id.txt``, so a resumed pipeline continues the same W&B
+run (``resume="allow"``; offline, each process writes its own ``offline-run-*-<id>/`` folder and ``wandb sync``
+joins them into one run); ``iter`` is the x-axis of ``eval/*`` and ``data/*`` and each training phase has its
+own ``<phase>/step`` axis (``define_metric``); a crash finishes the run with exit code 1 (failed).
 
 :func:`wandb_run_logger` and :func:`csv_run_logger` are the Hydra ``_target_`` s of ``conf/logger/{wandb,csv}.yaml``
 (partials: the pipeline calls them with ``run_dir=``); ``logger=none`` targets ``RunLogger`` itself.
@@ -20,6 +25,7 @@ plus tables, artifacts and config, which the mirror does not hold.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 import re
@@ -27,13 +33,15 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from visrl.data.io import read_json, write_text_atomic
 from visrl.logging.media import ImageWithBoxes, load_image, render
-from visrl.logging.run_logger import RunLogger
+from visrl.logging.run_logger import ITER, RunLogger
 from visrl.logging.sweep import hydra_job_info, sweep_group_name
 
 __all__ = ["CsvBackend", "WandbBackend", "csv_run_logger", "safe_name", "wandb_run_logger"]
 
 _WANDB_MODES = ("online", "offline", "disabled")
+WANDB_ID_FILE = "wandb_id.txt"  # <run_dir>/wandb_id.txt: the id of the run's one W&B run
 
 
 def safe_name(key: str) -> str:
@@ -79,10 +87,16 @@ class WandbBackend:
     def open(self, run_dir: Path) -> None:
         os.environ.setdefault("WANDB_SILENT", "true")
         import wandb  # lazy: importing wandb costs ~1 s and is not needed by logger=csv/none
+        from wandb.sdk.lib.runid import generate_id
 
         group, name = self.resolved_group_and_name()
         settings = wandb.Settings(**{"silent": True, **self.settings})
         self._wandb = wandb
+        id_file = run_dir / WANDB_ID_FILE  # one W&B run per run dir: a resume continues it
+        run_id = id_file.read_text(encoding="utf-8").strip() if id_file.is_file() else ""
+        if not run_id:
+            run_id = generate_id()
+            write_text_atomic(id_file, run_id + "\n")
         self.run = wandb.init(
             project=self.project,
             entity=self.entity,
@@ -92,9 +106,17 @@ class WandbBackend:
             name=name,
             tags=self.tags or None,
             job_type=self.job_type,
+            id=run_id,
+            resume="allow",  # offline: a second offline-run-*-<id>/ folder; `wandb sync` joins them in one run
             reinit="create_new",  # several runs per process: Hydra's basic launcher runs jobs sequentially
             settings=settings,
         )
+        self.run.define_metric(ITER)  # the iteration axis of benchmark and data metrics
+        for glob in ("eval/*", "data/*"):
+            self.run.define_metric(glob, step_metric=ITER)  # step_sync: rows without `iter` get the last one
+
+    def define_metric(self, name: str, step_metric: str | None) -> None:
+        self.run.define_metric(name, step_metric=step_metric)
 
     def _image(self, item: ImageWithBoxes) -> Any:
         boxes = item.normalised_boxes()
@@ -138,8 +160,14 @@ class WandbBackend:
             artifact.add_file(str(path))
         self.run.log_artifact(artifact)
 
+    def log_images(self, key: str, images: list[Path], step: int) -> None:
+        self.run.log({key: [self._wandb.Image(str(p), caption=p.stem) for p in images]}, step=step)
+
     def log_config(self, config: dict[str, Any]) -> None:
         self.run.config.update(config, allow_val_change=True)
+
+    def log_summary(self, values: dict[str, Any]) -> None:
+        self.run.summary.update(values)
 
     def finish(self, exit_code: int = 0) -> None:
         if self.run is not None:
@@ -148,7 +176,11 @@ class WandbBackend:
 
 
 class CsvBackend:
-    """Plain files under ``<run_dir>/<subdir>/`` for users without W&B."""
+    """Plain files under ``<run_dir>/<subdir>/`` for users without W&B.
+
+    Not Lightning's ``CSVLogger``: that is one Trainer's logger (a ``version_N/metrics.csv`` per fit), it
+    deletes an existing ``metrics.csv`` when re-opened (a resumed run would lose its earlier rows) and it has
+    no tables, images, artifacts or summary; this backend is one file for the whole run, kept on resume."""
 
     def __init__(self, subdir: str = "csv") -> None:
         self.subdir = subdir
@@ -183,12 +215,11 @@ class CsvBackend:
                 csv.DictWriter(fh, fieldnames=self._columns).writerow(row)
 
     def _rewrite(self) -> None:
-        tmp = self.metrics_path.with_suffix(".csv.tmp")
-        with tmp.open("w", newline="", encoding="utf-8") as fh:
-            writer = csv.DictWriter(fh, fieldnames=self._columns)
-            writer.writeheader()
-            writer.writerows(self._rows)
-        tmp.replace(self.metrics_path)
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=self._columns)
+        writer.writeheader()
+        writer.writerows(self._rows)
+        write_text_atomic(self.metrics_path, buf.getvalue())
 
     def log_table(self, key: str, columns: list[str], rows: list[list[Any]], step: int) -> None:
         assert self.dir is not None
@@ -211,22 +242,37 @@ class CsvBackend:
             writer.writerow(columns)
             writer.writerows(out_rows)
 
-    def log_artifact(self, path: Path, name: str, type: str) -> None:
+    def define_metric(self, name: str, step_metric: str | None) -> None:
+        """A CSV has no axes: every row keeps its ``step`` and its axis columns (``iter``, ``<phase>/step``)."""
+
+    def log_images(self, key: str, images: list[Path], step: int) -> None:
+        self._index("images.csv", ["key", "step", "path"], [[key, step, str(p.resolve())] for p in images])
+
+    def log_summary(self, values: dict[str, Any]) -> None:
+        self._merge_json("summary.json", values)
+
+    def _index(self, name: str, header: list[str], rows: list[list[Any]]) -> None:
         assert self.dir is not None
-        index = self.dir / "artifacts.csv"
+        index = self.dir / name
         first = not index.is_file()
         with index.open("a", newline="", encoding="utf-8") as fh:
             writer = csv.writer(fh)
             if first:
-                writer.writerow(["name", "type", "path"])
-            writer.writerow([name, type, str(path.resolve())])
+                writer.writerow(header)
+            writer.writerows(rows)
+
+    def _merge_json(self, name: str, values: dict[str, Any]) -> None:
+        assert self.dir is not None
+        path = self.dir / name
+        merged = read_json(path) if path.is_file() else {}
+        merged.update(values)
+        write_text_atomic(path, json.dumps(merged, indent=2, sort_keys=True, default=str))
+
+    def log_artifact(self, path: Path, name: str, type: str) -> None:
+        self._index("artifacts.csv", ["name", "type", "path"], [[name, type, str(path.resolve())]])
 
     def log_config(self, config: dict[str, Any]) -> None:
-        assert self.dir is not None
-        path = self.dir / "config.json"
-        merged = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
-        merged.update(config)
-        path.write_text(json.dumps(merged, indent=2, sort_keys=True, default=str), encoding="utf-8")
+        self._merge_json("config.json", config)
 
     def finish(self, exit_code: int = 0) -> None:
         """Nothing is buffered: every call already wrote its file."""

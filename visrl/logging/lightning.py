@@ -7,6 +7,12 @@ same across iterations (``train/loss`` in iteration 1 and 3 is one W&B chart, th
 adapter adds constant ``context`` scalars to every row instead (e.g. ``{"iter": 2, "stage": 1}``) so a row
 can be attributed without parsing keys.
 
+With ``phase`` ("base", "sft", "dpo/stage1", "dpo/stage2") the rows go through
+:meth:`RunLogger.log_phase` instead: keys become ``<phase>/<key>`` (``sft/train/loss``,
+``dpo/stage1/train/loss``: each phase's losses in their own chart) on the phase's own axis ``<phase>/step``
+(counted across iterations), and rows a resumed fit replays (the steps between its checkpoint and the crash)
+are not logged twice.
+
 Rebasing keeps the global step monotonic in every case: when a fit's step goes backwards (the adapter is
 reused for the next fit, or ``trainer.validate`` logs from step 0), or when someone else logged through the
 RunLogger in the meantime, the offset moves to the RunLogger's next step.
@@ -37,7 +43,8 @@ class RunLoggerAdapter(Logger):
         run_logger: the run's logger (shared by every stage).
         name: the stage name ("sft", "stage1", ...): namespaces the forwarded hyper-parameters and names
             Lightning's default checkpoint sub-directory.
-        prefix: prepended to every metric key (default none: keys stay stable across stages/iterations).
+        phase: the training phase ("sft", "dpo/stage1", ...): keys ``<phase>/<key>`` on axis ``<phase>/step``.
+        prefix: prepended to every metric key when there is no ``phase``.
         context: constant scalars added to every logged row, e.g. ``{"iter": 2}``.
         save_dir: where Lightning may put checkpoints/profiles; None means ``trainer.default_root_dir``.
     """
@@ -47,6 +54,7 @@ class RunLoggerAdapter(Logger):
         run_logger: RunLogger,
         *,
         name: str = "train",
+        phase: str | None = None,
         prefix: str = "",
         context: Mapping[str, float] | None = None,
         save_dir: str | Path | None = None,
@@ -54,6 +62,7 @@ class RunLoggerAdapter(Logger):
         super().__init__()
         self.run_logger = run_logger
         self._name = name
+        self.phase = phase
         self.prefix = prefix
         self.context = dict(context or {})
         self._save_dir = None if save_dir is None else str(save_dir)
@@ -90,6 +99,11 @@ class RunLoggerAdapter(Logger):
     @rank_zero_only
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
         local = self._last_local + 1 if step is None else int(step)
+        if self.phase is not None:
+            self.run_logger.log_phase(
+                self.phase, local, metrics, self.context, step=self.global_step_of(local)
+            )
+            return
         row = {f"{self.prefix}{k}": v for k, v in metrics.items()}
         row.update(self.context)
         self.run_logger.log_metrics(row, step=self.global_step_of(local))

@@ -28,8 +28,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.patches import Patch, Rectangle  # noqa: E402
 
+from visrl.data.io import read_jsonl  # noqa: E402
 from visrl.logging.media import BoxLike, as_xyxy, colour_for, load_image  # noqa: E402
-from visrl.logging.run_logger import read_jsonl  # noqa: E402
 
 __all__ = [
     "GalleryItem",
@@ -210,7 +210,7 @@ _REQUIRED = ("uid", "mode", "question", "answer", "pred", "box", "gt_box")
 
 def _rows_by_uid(path: Path, mode: str) -> dict[str, dict[str, Any]]:
     out: dict[str, dict[str, Any]] = {}
-    for idx, row in enumerate(read_jsonl(path)):
+    for idx, row in enumerate(read_jsonl(path, allow_torn_tail=False)[1]):
         missing = [f for f in _REQUIRED if f not in row]
         if missing:
             raise ValueError(f"{path}: record {idx} lacks field(s) {missing}")

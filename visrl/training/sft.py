@@ -66,15 +66,14 @@ class SFTModule(pl.LightningModule):
 def warmup_cosine(
     optimizer: torch.optim.Optimizer, total_steps: int, warmup_ratio: float = 0.1, min_ratio: float = 0.0
 ) -> torch.optim.lr_scheduler.LambdaLR:
-    """Linear warm-up then cosine decay (the reference: cosine, warm-up 0.1); a Hydra partial target."""
-    import math
+    """Linear warm-up over ``warmup_ratio`` of the steps, then cosine decay to ``min_ratio`` x the peak lr
+    (the reference: cosine, warm-up 0.1): transformers' schedule, as the reference's trainer uses it, with the
+    warm-up given as a ratio of the fit's steps (a Hydra partial; the module supplies ``total_steps``).
+    The warm-up is rounded down: its first step has lr 0, so a fit too short for one warm-up step
+    (``total_steps * warmup_ratio < 1``, e.g. ``debug=fast``) gets none rather than a step that learns nothing."""
+    from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
-    warmup = max(1, int(total_steps * warmup_ratio))
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
-        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    warmup = int(total_steps * warmup_ratio)
+    return get_cosine_with_min_lr_schedule_with_warmup(
+        optimizer, num_warmup_steps=warmup, num_training_steps=total_steps, min_lr_rate=min_ratio
+    )
