@@ -37,7 +37,7 @@ from visrl.data.records import read_viscot
 from visrl.data.sft import sft_rows
 from visrl.data.skills import base_rows
 from visrl.dist import check_strategy, on_rank_zero
-from visrl.logging.samples import log_model_artifact, log_pair_samples
+from visrl.logging.samples import log_model_artifact, log_pair_samples, log_predictions, report_run
 from visrl.models.backbone import Backbone, apply_lora, freeze_vision, load_backbone
 from visrl.models.frozen import frozen_policy
 from visrl.models.policy import VLMPolicy
@@ -76,17 +76,17 @@ def _run(cfg: DictConfig, run: RunDir) -> dict[str, Any]:
     benchmark = build_benchmark(cfg, splits)
     try:
         if cfg.stage == "eval":
-            evaluate(cfg, run, "eval", benchmark, backbone, templates, logger)
-            return run.finish(lambda: write_final_files(run.root, benchmark, ["eval"])) or {}
+            evaluate(cfg, run, "eval", 0, benchmark, backbone, templates, logger)
+            return report_run(run.root, logger, run.finish(lambda: write_final_files(run.root, benchmark, ["eval"])))
         backbone = prepare_base(cfg, backbone, templates, logger if not run.done("base") else None)
         run.step("base", lambda: None)  # the base model is a shared cache; the run records that it logged it
         backbone = sft_warmup(cfg, run, backbone, splits, data.image_root, templates, logger)
-        evaluate(cfg, run, "sft/eval", benchmark, backbone, templates, logger)
+        evaluate(cfg, run, "sft/eval", 0, benchmark, backbone, templates, logger)
         iterations = int(cfg.iter) if cfg.stage == "all" else 0
         if iterations:
             rl_iterations(cfg, run, backbone, data, splits, templates, benchmark, logger)
         evals = ["sft/eval", *(f"iter_{k}/eval" for k in range(1, iterations + 1))]
-        return run.finish(lambda: write_final_files(run.root, benchmark, evals)) or {}
+        return report_run(run.root, logger, run.finish(lambda: write_final_files(run.root, benchmark, evals)))
     finally:
         logger.finish()
 
@@ -120,7 +120,7 @@ def prepare_base(cfg: DictConfig, backbone: Backbone, templates, logger) -> Back
     if hit is not None:
         log.info("base model: cache hit %s", hit)
         if logger is not None:
-            logger.log_metrics(read_json(hit / "skills.json"))
+            logger.log_iteration(0, read_json(hit / "skills.json"))
         return load_backbone(hit / "model")
     log.info("base model: preparing %s (cached afterwards)", root / key)
     rows = base_rows(world, skills, backbone, templates)
@@ -128,7 +128,8 @@ def prepare_base(cfg: DictConfig, backbone: Backbone, templates, logger) -> Back
 
     def save() -> None:
         skills_metrics = evaluate_base(VLMPolicy(backbone, batch_size=64), world, skills, templates)
-        logger.log_metrics(skills_metrics)  # e.g. base/locate, base/read: what the base model can do
+        if logger is not None:
+            logger.log_iteration(0, skills_metrics)  # e.g. base/locate, base/read: what the base model can do
         write_json_atomic(root / key / "skills.json", skills_metrics)
         backbone.save(root / key / "model")
         write_json_atomic(root / key / "key.json", material)
@@ -159,9 +160,10 @@ def train_rows(stage_cfg: DictConfig, backbone: Backbone, rows, out: Path, logge
 
     trainable_parts(cfg, backbone)
     dm = RowsDataModule(rows, backbone.encoder, int(stage_cfg.batch_size), int(stage_cfg.max_length), int(cfg.seed))
-    logger.log_metrics({f"data/{phase}/dropped_long": float(sum(dm.dropped.values()))})
+    logger.log_iteration(0, {f"data/{phase}/dropped_long": float(sum(dm.dropped.values()))})
     module = SFTModule(backbone.model, instantiate(stage_cfg.optimizer), instantiate(stage_cfg.scheduler))
-    fit(module, dm, out, int(stage_cfg.epochs), trainer_kwargs(cfg), RunLoggerAdapter(logger, name=phase))
+    adapter = RunLoggerAdapter(logger, name=phase, phase=phase)
+    fit(module, dm, out, int(stage_cfg.epochs), trainer_kwargs(cfg), adapter, label=phase)
 
 
 def rl_iterations(cfg, run: RunDir, backbone: Backbone, data, splits, templates, benchmark, logger) -> None:
@@ -180,10 +182,9 @@ def rl_iterations(cfg, run: RunDir, backbone: Backbone, data, splits, templates,
 def iteration(cfg, run: RunDir, k: int, backbone: Backbone, m_org, prefs, templates, benchmark, image_root,
               logger) -> None:
     """One VisRL iteration: regenerate with M_RL^{k-1}, DPO stage 1 and stage 2, save, evaluate."""
-    logger.log_metrics({"iter": float(k)})
     policy = VLMPolicy(backbone, batch_size=int(cfg.rollout.batch_size))  # M_RL^{k-1}
     regenerated = prefs.regenerate(policy, k, m_org if cfg.scorer.m_org == "initial" else policy)
-    logger.log_metrics(flat_numbers(regenerated.stats.to_json(), "data/"))
+    logger.log_iteration(k, flat_numbers(regenerated.stats.to_json(), "data/"))
     log_pair_samples(logger, run / f"iter_{k}" / "pairs.json", image_root, k)
     # the reference is fixed BEFORE stage 1 trains (reference=previous means M_RL^{k-1} for both stages);
     # precomputed log-probs are cached for resumes and beta sweeps
@@ -194,10 +195,10 @@ def iteration(cfg, run: RunDir, k: int, backbone: Backbone, m_org, prefs, templa
     for name, stage in cfg.dpo.stages.items():
         if stage.enabled:
             run.step(f"iter_{k}/{name}", lambda name=name, stage=stage: fit_dpo_stage(
-                cfg, stage, backbone, prefs, run / f"iter_{k}" / name, logger, reference), trains=backbone.model)
+                cfg, stage, backbone, prefs, run / f"iter_{k}" / name, k, logger, reference), trains=backbone.model)
     on_rank_zero(backbone.save, run / f"iter_{k}" / "model")  # merged under LoRA: a deployable model
     on_rank_zero(log_model_artifact, logger, run / f"iter_{k}" / "model", f"model_iter_{k}")
-    evaluate(cfg, run, f"iter_{k}/eval", benchmark, backbone, templates, logger)
+    evaluate(cfg, run, f"iter_{k}/eval", k, benchmark, backbone, templates, logger)
 
 
 def reference_strategy(ref_policy: VLMPolicy, backbone: Backbone):
@@ -232,7 +233,7 @@ def build_preference_data(cfg: DictConfig, out: Path, splits, image_root, templa
     )
 
 
-def fit_dpo_stage(cfg, stage, backbone: Backbone, prefs, out: Path, logger, reference=None) -> None:
+def fit_dpo_stage(cfg, stage, backbone: Backbone, prefs, out: Path, k: int, logger, reference=None) -> None:
     """One step-DPO stage: the stage's step weights select the rows and weight the losses (stages are data)."""
     from visrl.logging.lightning import RunLoggerAdapter
     from visrl.training.step_dpo import StepDPOModule
@@ -248,17 +249,21 @@ def fit_dpo_stage(cfg, stage, backbone: Backbone, prefs, out: Path, logger, refe
         beta=float(cfg.objective.beta), label_smoothing=float(cfg.objective.label_smoothing),
         ftx=float(cfg.dpo.ftx), reference=reference,
     )
-    fit(module, stage_data, out, int(stage.epochs), trainer_kwargs(cfg), RunLoggerAdapter(logger, name=out.name))
+    adapter = RunLoggerAdapter(logger, name=out.name, phase=f"dpo/{out.name}", context={"iter": k})
+    fit(module, stage_data, out, int(stage.epochs), trainer_kwargs(cfg), adapter, label=f"iter {k} | {out.name}")
 
 
-def evaluate(cfg: DictConfig, run: RunDir, name: str, benchmark, backbone: Backbone, templates, logger) -> None:
-    """Evaluate on the configured benchmark into ``<run_dir>/<name>`` (``metrics.json``, ``predictions.jsonl``);
-    rank 0 only: the other ranks' metrics would go nowhere (the logger and the summary are rank 0's)."""
+def evaluate(cfg: DictConfig, run: RunDir, name: str, k: int, benchmark, backbone: Backbone, templates,
+             logger) -> None:
+    """Evaluate iteration ``k`` on the configured benchmark into ``<run_dir>/<name>`` (``metrics.json``,
+    ``predictions.jsonl``); rank 0 only: the other ranks' metrics would go nowhere (the logger and the summary
+    are rank 0's)."""
 
     def evaluate_now() -> None:
         policy = VLMPolicy(backbone, batch_size=int(cfg.rollout.batch_size))
         metrics = benchmark.evaluate(policy, templates, run / name)
-        logger.log_metrics({f"eval/{benchmark.name}/{k}": v for k, v in metrics.items()})
+        logger.log_iteration(k, {f"eval/{benchmark.name}/{key}": v for key, v in metrics.items()})
+        log_predictions(logger, run / name / "predictions.jsonl", k)
 
     run.step(name, lambda: on_rank_zero(evaluate_now))
 

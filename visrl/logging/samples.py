@@ -11,7 +11,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from visrl.data.io import read_json
+from visrl.data.io import read_json, read_jsonl
 from visrl.logging.media import ImageWithBoxes
 
 log = logging.getLogger(__name__)
@@ -45,3 +45,26 @@ def log_model_artifact(logger: Any, model_dir: Path, name: str) -> None:
         log.info("%s: %.1f GiB, not logged as an artifact (kept on disk)", model_dir, size / 2**30)
         return
     logger.log_artifact(model_dir, name, "model")
+
+
+def log_predictions(logger: Any, path: Path, k: int) -> None:
+    """Iteration ``k``'s predictions from the model's own box (``cot_pred``; every row of a benchmark that has
+    no modes) as a table with the boxes drawn."""
+    if path.is_file():
+        rows = read_jsonl(path, allow_torn_tail=True)[1]
+        logger.log_predictions(
+            f"eval/predictions/iter_{k}", [r for r in rows if r.get("mode", "cot_pred") == "cot_pred"]
+        )
+
+
+def report_run(run_dir: Path, logger: Any, summary: dict[str, Any] | None) -> dict[str, Any]:
+    """The end of a run: the plots, and the final metric and effect with its CI, into the logger's summary;
+    the results table printed (rank 0; ``summary`` is None on the other ranks)."""
+    from visrl.logging.results import print_results
+
+    if summary is None:
+        return {}
+    logger.log_images("plots", sorted((run_dir / "plots").glob("*.png")))
+    logger.log_summary({key: summary[key] for key in ("final_metric", "effect") if key in summary})
+    print_results(summary)
+    return summary
