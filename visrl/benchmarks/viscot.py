@@ -53,6 +53,7 @@ from visrl.data.images import to_view
 from visrl.data.io import write_text_atomic
 from visrl.data.prompts import Message, Prompt, PromptTemplates, fill, user
 from visrl.data.records import DetRecord
+from visrl.progress import progress
 
 __all__ = [
     "GROUPS",
@@ -265,11 +266,13 @@ class VisCoTBenchmark:
         items, skipped = load_dataset(self.root, ds, self.limit)
         preds.add(skipped)
         todo = [it for it in items if it.uid not in preds.done]
-        for start in range(0, len(todo), self.batch_size):
-            rows = self._run_chunk(policy, templates, fmt, todo[start : start + self.batch_size])
-            if judge is not None:
-                self._score_with_judge(judge, rows)
-            preds.add(rows)
+        with progress(f"eval | viscot {ds}", total=len(todo), unit="q") as bar:
+            for start in range(0, len(todo), self.batch_size):
+                rows = self._run_chunk(policy, templates, fmt, todo[start : start + self.batch_size])
+                if judge is not None:
+                    self._score_with_judge(judge, rows)
+                preds.add(rows)
+                bar.advance(len(rows))
         by_uid = {r["uid"]: r for r in preds.rows}
         odd = [it.uid for it in items if tuple(by_uid[it.uid].get("image_size", it.det.size)) != it.det.size]
         if odd:  # scored in the det file's frame; crops use the canonical box (fine if only rescaled)

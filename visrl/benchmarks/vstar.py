@@ -51,6 +51,7 @@ from visrl.benchmarks.effects import paired_bootstrap
 from visrl.data.errors import InputError
 from visrl.data.images import open_rgb, to_view
 from visrl.data.prompts import Prompt, PromptTemplates, user
+from visrl.progress import progress
 
 __all__ = [
     "CATEGORIES",
@@ -290,8 +291,10 @@ class VStarBenchmark:
         preds = Predictions(Path(out_dir) / "predictions.jsonl", key=lambda r: (r["uid"], r["protocol"]))
         preds.add(skipped)
         todo = [it for it in items if any((it.uid, p) not in preds.done for p in self.protocols)]
-        for start in range(0, len(todo), self.batch_size):
-            preds.add(self._chunk_rows(policy, templates, todo[start : start + self.batch_size]))
+        with progress("eval | vstar", total=len(todo), unit="q") as bar:
+            for start in range(0, len(todo), self.batch_size):
+                preds.add(self._chunk_rows(policy, templates, todo[start : start + self.batch_size]))
+                bar.advance(len(todo[start : start + self.batch_size]))
         wanted = {it.uid for it in items} | {r["uid"] for r in skipped}
         rows = [r for r in preds.rows if r["uid"] in wanted and r["protocol"] in (*self.protocols, "skipped")]
         if not scored_rows(rows):

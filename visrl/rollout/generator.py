@@ -35,7 +35,6 @@ import hashlib
 import json
 import logging
 import random
-import time
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
@@ -53,6 +52,7 @@ from visrl.data.io import append_lines
 from visrl.data.prompts import PromptTemplates
 from visrl.data.records import VisCoTRecord
 from visrl.models.protocols import Policy
+from visrl.progress import progress
 from visrl.rollout.badbox import format_snap, maybe_replace_bad
 from visrl.rollout.candidates import Candidate, open_candidates, resume_candidates, shard_path
 from visrl.rollout.scorers import ScoreItem, Scorer
@@ -368,13 +368,15 @@ def generate_candidates(
     shard: tuple[int, int] = (0, 1),
     *,
     on_chunk: Callable[[int, list[Candidate]], None] | None = None,
+    label: str = "rollouts",
 ) -> list[Candidate]:
     """Generate (or finish generating) the candidates of ``questions``; returns this shard's candidates.
 
     ``policy`` samples (a :class:`~visrl.models.policy.VLMPolicy`: ``generate`` and ``backbone`` with
     ``box_format`` and ``image_size``); ``m_org`` is what the scorers call. Rows go to ``out_path``
     (``candidates.rank{r}.jsonl`` when ``world > 1``, see :func:`shard_path`). ``on_chunk(index, rows)``
-    runs after each chunk is durably written (progress reporting; tests inject crashes there).
+    runs after each chunk is durably written (tests inject crashes there); ``label`` names the progress display
+    (candidates/s and ETA).
     """
     rank, world = shard
     if not (world >= 1 and 0 <= rank < world):
@@ -400,22 +402,15 @@ def generate_candidates(
     plan = _plan(qs, cfg, rank, world)
     done = resume_candidates(path, plan, cfg.n_boxes)
     size = policy.backbone.image_size
-    t0, n_new = time.perf_counter(), 0
-    for c, start, n in plan:
-        if c in done:
-            continue
-        images = [load_rgb(resolve(image_root, q.image_path)) for q in qs[start : start + n]]
-        chunk = _Chunk(c, start, qs[start : start + n], images, [to_view(im, size) for im in images])
-        rows = _run_chunk(chunk, policy, m_org, templates, cfg, (answer_scorer, crop_scorer))
-        append_lines(path, [json.dumps(r.to_json()) for r in rows])
-        done[c] = rows
-        n_new += len(rows)
-        log.info(
-            "rollouts: chunk %d done (%d candidates, %.1f/s)",
-            c,
-            len(rows),
-            n_new / (time.perf_counter() - t0),
-        )
-        if on_chunk is not None:
-            on_chunk(c, rows)
+    todo = [(c, start, n) for c, start, n in plan if c not in done]
+    with progress(label, total=sum(n for _, _, n in todo) * cfg.n_boxes, unit="cand") as bar:
+        for c, start, n in todo:
+            images = [load_rgb(resolve(image_root, q.image_path)) for q in qs[start : start + n]]
+            chunk = _Chunk(c, start, qs[start : start + n], images, [to_view(im, size) for im in images])
+            rows = _run_chunk(chunk, policy, m_org, templates, cfg, (answer_scorer, crop_scorer))
+            append_lines(path, [json.dumps(r.to_json()) for r in rows])
+            done[c] = rows
+            bar.advance(len(rows))
+            if on_chunk is not None:
+                on_chunk(c, rows)
     return [row for c, _, _ in plan for row in done[c]]

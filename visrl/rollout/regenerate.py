@@ -101,9 +101,10 @@ def _candidates(
     rank, world = rank_world()
     path = out_dir / CANDIDATES
     args = (policy, m_org, questions, templates, cfg, *scorers, path, image_root)
+    label = f"{out_dir.name.replace('_', ' ')} | rollouts"  # iter_2 -> "iter 2 | rollouts"
     if world == 1 or path.exists():  # every rank sees the same: only rank 0 writes it, after a barrier
-        return generate_candidates(*args) if rank == 0 else []
-    generate_candidates(*args, shard=(rank, world))
+        return generate_candidates(*args, label=label) if rank == 0 else []
+    generate_candidates(*args, shard=(rank, world), label=f"{label} (rank {rank})")
     barrier()  # every shard is complete
     if rank != 0:
         return []

@@ -48,7 +48,7 @@ def reference_values(
         dataclasses.replace(pb, batch=ref.to_model(pb.batch, model))
         for pb in (pair_batch([rows[i] for i in idx], encoder, with_reference=False) for idx in batches)
     )
-    values = ref.compute_reference_logps(model, loader)  # follows ``batches``
+    values = ref.compute_reference_logps(model, loader, total=len(mine))  # follows ``batches``
     out: list[tuple[float, float] | None] = [None] * len(rows)
     for part in all_gather_objects(list(zip([i for b in batches for i in b], values))):
         for i, value in part:

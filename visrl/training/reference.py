@@ -28,6 +28,7 @@ from visrl.data.hashing import hash_tensor
 from visrl.data.io import read_json, write_json_atomic
 from visrl.data.rows import PairBatch, Row, pair_batch
 from visrl.models.protocols import Encoder
+from visrl.progress import progress
 from visrl.training.pair_logps import pair_logps
 
 __all__ = [
@@ -152,8 +153,11 @@ def compute_reference_logps(
     rows_or_loader: Sequence[Row] | Iterable[PairBatch],
     encoder: Encoder | None = None,
     batch_size: int = 16,
+    label: str = "reference log-probs",
+    total: int | None = None,
 ) -> list[tuple[float, float]]:
-    """Summed reference log-probs ``(chosen, rejected)`` per pair, computed once, batched, without gradients.
+    """Summed reference log-probs ``(chosen, rejected)`` per pair, computed once, batched, without gradients
+    (``label`` names the progress display; ``total``: the number of pairs a loader yields, for its ETA).
 
     ``model_or_strategy`` is a model (used as is, in eval mode) or a strategy (a LoRA model's
     ``AdapterDisabledReference(model)``, a ``FrozenCopyReference``). ``rows_or_loader`` is a sequence of
@@ -170,17 +174,21 @@ def compute_reference_logps(
             raise ValueError("compute_reference_logps: pass the encoder to compute from rows")
         rows = list(rows_or_loader)
         out: list[tuple[float, float]] = [(0.0, 0.0)] * len(rows)
-        for idx in _row_batches(rows, batch_size):
-            chosen, rejected = strategy.logps(
-                pair_batch([rows[i] for i in idx], encoder, with_reference=False)
-            )
-            for j, i in enumerate(idx):
-                out[i] = (float(chosen[j]), float(rejected[j]))
+        with progress(label, total=len(rows), unit="pair") as bar:
+            for idx in _row_batches(rows, batch_size):
+                chosen, rejected = strategy.logps(
+                    pair_batch([rows[i] for i in idx], encoder, with_reference=False)
+                )
+                for j, i in enumerate(idx):
+                    out[i] = (float(chosen[j]), float(rejected[j]))
+                bar.advance(len(idx))
         return out
     result: list[tuple[float, float]] = []
-    for pairs in rows_or_loader:
-        chosen, rejected = strategy.logps(pairs)
-        result += [(float(c), float(r)) for c, r in zip(chosen.tolist(), rejected.tolist())]
+    with progress(label, total=total, unit="pair") as bar:
+        for pairs in rows_or_loader:
+            chosen, rejected = strategy.logps(pairs)
+            result += [(float(c), float(r)) for c, r in zip(chosen.tolist(), rejected.tolist())]
+            bar.advance(len(chosen))
     return result
 
 
