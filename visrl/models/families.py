@@ -72,6 +72,9 @@ class Family:
     tiny_config: str = ""  # "module:function" building a tiny config (visrl.models.tiny)
     tiny_processor: str = ""  # "module:function" building a tiny processor (visrl.models.processors)
     abs_pos_embed: bool = False  # tiny default: learned absolute positions on merged vision tokens
+    video_processor_type: str | None = (
+        None  # the processor's video part (saved so AutoProcessor can build it)
+    )
 
 
 FAMILIES: dict[str, Family] = {
@@ -109,6 +112,7 @@ FAMILIES: dict[str, Family] = {
         tiny_config="visrl.models.tiny:qwen2vl_config",
         tiny_processor="visrl.models.processors:qwen_tiny_processor",
         abs_pos_embed=True,
+        video_processor_type="Qwen2VLVideoProcessor",
     ),
     "qwen25vl": Family(
         name="qwen25vl",
@@ -126,6 +130,7 @@ FAMILIES: dict[str, Family] = {
         tiny_config="visrl.models.tiny:qwen25vl_config",
         tiny_processor="visrl.models.processors:qwen_tiny_processor",
         abs_pos_embed=True,
+        video_processor_type="Qwen2VLVideoProcessor",
     ),
 }
 

@@ -155,13 +155,21 @@ def qwen_pixel_bounds(processor: Any) -> dict[str, int] | None:
 
 
 def save_processor(processor: Any, fam: Family, out: Path) -> None:
-    """``save_pretrained`` recording the real transformers processor class (not the no-video stand-in)."""
+    """``save_pretrained`` recording the real transformers processor class (not the no-video stand-in) and,
+    for a processor saved without its video part, that part's settings (the image processor's, as the
+    published checkpoints let it default), so a plain ``AutoProcessor`` can rebuild the whole processor."""
     processor.save_pretrained(out)
     for name in _CLASS_FILES:
         file = out / name
         if not file.is_file():
             continue
         data = json.loads(file.read_text())
-        if "processor_class" in data and data["processor_class"] != fam.processor_class:
-            data["processor_class"] = fam.processor_class
+        changed = "processor_class" in data and data["processor_class"] != fam.processor_class
+        data["processor_class"] = data.get("processor_class") and fam.processor_class
+        if name == "processor_config.json" and fam.video_processor_type and "video_processor" not in data:
+            image = dict(data.get("image_processor") or processor.image_processor.to_dict())
+            image.pop("image_processor_type", None)
+            data["video_processor"] = {**image, "video_processor_type": fam.video_processor_type}
+            changed = True
+        if changed:
             file.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
