@@ -213,3 +213,15 @@ def test_debug_fast_iter1_on_a_real_checkpoint(real_checkpoints, run_visrl, tmp_
     assert (run / "summary.json").is_file()
     assert (run / "iter_1" / "model" / "adapter" / "adapter_config.json").is_file()
     assert load_backbone(run / "iter_1" / "model").family == "qwen2vl"
+
+
+def test_mini_viscot_tree_reads_like_the_published_files(viscot_tree):
+    """The fixture tree: the benchmark loader joins json and det rows, and every image is where it is named."""
+    from visrl.benchmarks.viscot import load_items, resolve_image
+
+    for dataset in ("cub", "textvqa"):
+        items = load_items(viscot_tree, dataset)
+        assert len(items) == 2
+        for item in items:
+            with Image.open(resolve_image(viscot_tree, item.record.image_path)) as im:
+                assert im.size == (item.det.width, item.det.height)
