@@ -115,3 +115,21 @@ def tiny_run(run_visrl: Callable[..., CliResult], tmp_path_factory: pytest.TempP
     if result.returncode != 0:
         pytest.fail(f"tiny pipeline run failed (exit {result.returncode})\n{result.tail()}")
     return run_dir
+
+
+@pytest.fixture(scope="session")
+def real_checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Tiny random-weight checkpoints of the three real VLM classes in the hub layout, built once per session
+    (``tests/real_checkpoints.py``): ``{"llava": dir, "qwen2vl": dir, "qwen25vl": dir}``."""
+    from real_checkpoints import FAMILIES, build_checkpoint
+
+    root = tmp_path_factory.mktemp("real_checkpoints")
+    return {family: build_checkpoint(family, root / family) for family in FAMILIES}
+
+
+@pytest.fixture(scope="session")
+def viscot_tree(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A mini Visual-CoT tree (benchmark json, det jsonl, generated images, train.json), built once."""
+    from real_checkpoints import build_viscot_tree
+
+    return build_viscot_tree(tmp_path_factory.mktemp("viscot"))

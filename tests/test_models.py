@@ -79,7 +79,9 @@ def test_tokenizer_is_deterministic_fast_and_splits_digits():
     assert a.pad_token == a.eos_token == "<|endoftext|>"
 
 
-@pytest.mark.parametrize("word", ["horizontal", "vertical", "diagonal", "checkered", "red", "cyan", "triangle"])
+@pytest.mark.parametrize(
+    "word", ["horizontal", "vertical", "diagonal", "checkered", "red", "cyan", "triangle"]
+)
 def test_answer_words_are_single_tokens(word):
     # as in a real vocabulary; multi-token answers sharing pieces were spliced by answer-step DPO
     # ("vertical" -> "vertickertickered", docs/toy-scale-status.md)
@@ -283,16 +285,21 @@ def test_bfloat16_build_round_trips_exactly(tmp_path):
         assert torch.equal(sequence_logps(loaded.model, batch_of(loaded))[0], expected)
 
 
-def test_save_load_lora_merged_and_adapter_only(tmp_path):
+def test_save_load_lora_adapter_and_merged_on_request(tmp_path):
     lora = apply_lora(tiny("qwen2vl"))
     with torch.no_grad():
         for n, p in lora.model.named_parameters():
             if "lora_B" in n:
                 p.normal_(0, 0.5)
         expected, _ = sequence_logps(lora.model, batch_of(lora))
-    lora.save(tmp_path / "merged")
-    lora.save(tmp_path / "adapter", adapter_only=True)
-    merged, adapter = load_backbone(tmp_path / "merged"), load_backbone(tmp_path / "adapter")
+    lora.save(tmp_path / "plain")
+    lora.save(tmp_path / "both", merged=True)
+    assert (tmp_path / "plain" / "adapter" / "adapter_config.json").is_file()
+    assert not (tmp_path / "plain" / "merged").exists() and (tmp_path / "both" / "merged").is_dir()
+    merged, adapter = (
+        load_backbone(tmp_path / "plain"),
+        load_backbone(tmp_path / "plain", merge_adapter=False),
+    )
     assert not merged.is_lora and adapter.is_lora
     with torch.no_grad():
         assert torch.allclose(sequence_logps(merged.model, batch_of(merged))[0], expected, atol=1e-4)
@@ -340,7 +347,8 @@ def test_real_loader_fails_fast_with_one_line_without_weights(tmp_path):
     for line, hf_id in zip(
         lines, ["llava-hf/llava-1.5-7b-hf", "Qwen/Qwen2-VL-7B-Instruct", "Qwen/Qwen2.5-VL-7B-Instruct"]
     ):
-        assert hf_id in line and f"huggingface-cli download {hf_id}" in line and "model.path=" in line
+        assert hf_id in line and f"`hf download {hf_id} --local-dir " in line and "model.path=" in line
+        assert "huggingface-cli" not in line  # the installed hub client (huggingface_hub >= 1) is `hf`
 
 
 # ---- agreement with the Hugging Face processors ----------------------------------------------------------
@@ -371,7 +379,7 @@ HF_LLAVA_TEMPLATE = (  # the llava-hf/llava-1.5-7b-hf template: images first, th
 def test_llava_encoder_with_a_real_style_processor_pads_instead_of_cropping():
     from transformers import CLIPImageProcessorPil, LlavaProcessor
 
-    from visrl.models.encoding import make_encoder
+    from visrl.models.families import make_encoder
 
     tok = build_tiny_tokenizer(image_token="<image>")
     processor = LlavaProcessor(
@@ -388,8 +396,8 @@ def test_llava_encoder_with_a_real_style_processor_pads_instead_of_cropping():
     wide = Image.new("RGB", (200, 100), (255, 255, 255))
     encoded = enc.encode_prompt([user("What is this?\n<image>", [wide])])
     assert encoded.input_ids.count(enc.image_token_id) == 256  # (224 / 14)², CLS dropped
-    assert enc.tokenizer.decode(encoded.input_ids).startswith("USER: <image><image>")
-    assert enc.tokenizer.decode(encoded.input_ids).endswith("<image>\nWhat is this?\n ASSISTANT:")
+    text = enc.tokenizer.decode(encoded.input_ids)  # images first, as the published template renders
+    assert text.startswith("USER: <image><image>") and text.endswith("<image>\nWhat is this?\n ASSISTANT:")
     pixels = encoded.vision["pixel_values"][0]  # [3, 224, 224]: padded, so the top rows are the mean colour
     assert pixels[:, :40].abs().max() < 0.02 and pixels[:, 112].min() > 1.5
 
@@ -411,7 +419,7 @@ def test_load_pretrained_reads_a_checkpoint_directory(family, hf_id, tmp_path):
     assert not real.is_lora and apply_lora(real).model.peft_config["default"].r == 4
     with torch.no_grad():
         torch.testing.assert_close(
-            sequence_logps(real.model, batch_of(real))[0], sequence_logps(bb.model, batch_of(bb))[0]
+            sequence_logps(real.model, batch_of(bb))[0], sequence_logps(bb.model, batch_of(bb))[0]
         )
     real.save(tmp_path / "saved")
     assert load_backbone(tmp_path / "saved").spec["hf_id"] == hf_id

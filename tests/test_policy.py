@@ -12,7 +12,8 @@ from PIL import Image
 from visrl.data.boxes import GridFormat
 from visrl.data.prompts import Message, user
 from visrl.models.backbone import apply_lora
-from visrl.models.encoding import IGNORE_INDEX, EncodedPrompt, make_encoder
+from visrl.models.encoding import IGNORE_INDEX, EncodedPrompt
+from visrl.models.families import make_encoder
 from visrl.models.frozen import AdapterDisabledPolicy
 from visrl.models.logprobs import sequence_logps
 from visrl.models.policy import VLMPolicy, prompt_images

@@ -72,7 +72,7 @@ def test_missing_real_weights_fail_fast_with_one_actionable_line(cli: Cli, tmp_p
     assert result.returncode == 2, result.tail()
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("error: weights for llava-hf/llava-1.5-7b-hf not found"), result.tail()
-    assert "download llava-hf/llava-1.5-7b-hf" in last and "model.path=" in last
+    assert "hf download llava-hf/llava-1.5-7b-hf --local-dir " in last and "model.path=" in last
     assert "Traceback" not in result.stderr, result.tail()
     # nothing expensive happened first: no synthetic data, no W&B run, no metrics; the job is marked failed
     assert not cache.exists() or not any(cache.rglob("*.png")), (

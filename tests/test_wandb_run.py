@@ -230,7 +230,7 @@ def test_pairs_file_and_model_are_artifacts(wandb_run: dict[str, Any]) -> None:
     pairs, model = artifacts["pairs_iter_1"], artifacts["model_iter_1"]
     assert pairs.type == "dataset" and [c.path for c in pairs.manifest.contents] == ["pairs.json"]
     model_files = {c.path for c in model.manifest.contents}
-    assert model.type == "model" and {"backbone.json", "model/model.safetensors"} <= model_files
+    assert model.type == "model" and {"backbone.json", "model.safetensors", "config.json"} <= model_files
 
 
 def test_config_is_recorded(wandb_run: dict[str, Any]) -> None:

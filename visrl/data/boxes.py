@@ -29,7 +29,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import Enum
 from typing import Protocol, runtime_checkable
 
@@ -535,6 +535,13 @@ class Qwen25VLFormat:
     def __post_init__(self) -> None:
         if self.resized_size is not None and not callable(self.resized_size):
             object.__setattr__(self, "resized_size", _size(tuple(self.resized_size)))
+
+    def with_frame(self, patch_size: int, merge_size: int, min_pixels: int, max_pixels: int) -> Qwen25VLFormat:
+        """This format in the frame of an image processor with these settings (one source of truth: the
+        loader passes the processor's own values, so boxes live in the pixels the model is fed)."""
+        return replace(
+            self, patch_size=patch_size, merge_size=merge_size, min_pixels=min_pixels, max_pixels=max_pixels
+        )
 
     def resized(self, size: Size) -> Size:
         """``(W, H)`` of the original image -> ``(W', H')`` of what the model sees."""

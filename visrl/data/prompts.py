@@ -49,7 +49,9 @@ def fill(template: str, images: Sequence[Image.Image], **fields: str) -> tuple[P
     >>> fill("<image>\\n{question}", [img], question="Q?")  # doctest: +SKIP
     (img, "\\nQ?")
     """
-    pieces = template.format(**fields).split(IMAGE_MARKER)
+    # markers are found in the template before the fields are filled in: a field (a question, a model's
+    # answer) that contains "<image>" stays text and never becomes an image slot
+    pieces = [piece.format(**fields) for piece in template.split(IMAGE_MARKER)]
     if len(pieces) - 1 != len(images):
         raise ValueError(
             f"prompt template {template!r} has {len(pieces) - 1} {IMAGE_MARKER} markers "

@@ -2,13 +2,18 @@
 
 Why: every stage of the VisRL pipeline (paper §3: SFT warm-up, then per iteration step-level DPO stage 1 on
 boxes and stage 2 on answers) hands one object around: the Hugging Face model, the encoder that turns
-prompts into its tensors, and the box text format it reads and writes. ``Backbone.save`` writes a
-self-describing directory that :func:`load_backbone` restores exactly (log-probs reproduce bit for bit),
-including the tiny Qwen towers' absolute position embedding, which is rebuilt before its weights load.
+prompts into its tensors, and the box text format it reads and writes.
+
+``Backbone.save`` writes a directory in the hub layout (config, safetensors, generation config, tokenizer,
+processor files recording the real transformers class) plus ``backbone.json``, so that both
+:func:`load_backbone` (exact restore: log-probs reproduce bit for bit, the tiny Qwen towers' absolute
+position embedding rebuilt before its weights load) and plain ``AutoModelForImageTextToText`` /
+``AutoProcessor`` read it. Under LoRA the directory holds the base weights and a standard PEFT adapter in
+``adapter/`` (``PeftModel.from_pretrained(base, dir / "adapter")``); merged weights only on request
+(``merged/``). The loader keeps ``attn_implementation``, ``device_map`` and gradient checkpointing.
 
 LoRA follows the reference (rank 8, alpha 16, dropout 0, the language model only; the vision tower and the
-merger stay frozen): module names such as ``q_proj`` or ``gate_proj`` also exist in the vision towers
-(Qwen2.5-VL's vision MLP), so targets are a regex on the language-model path.
+merger stay frozen); the target regex and the vision modules come from the family table.
 """
 
 from __future__ import annotations
@@ -25,12 +30,34 @@ from typing import Any
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
-from transformers import PreTrainedModel
+from transformers import AutoTokenizer, PreTrainedModel
 
-# A LoRA target on the language model's linear layers only (attention + MLP), never the vision tower.
-LANGUAGE_MODEL_LORA_REGEX = r".*language_model\..*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+from visrl.models.abspos import ABS_POS_FILE, abs_pos_module, attach_abs_pos_embed
+from visrl.models.families import (
+    FAMILIES,
+    LANGUAGE_MODEL_LORA_REGEX,
+    Family,
+    get_family,
+    make_encoder,
+    model_class,
+    resolve,
+)
+from visrl.models.processors import load_processor, save_processor
+
+__all__ = [
+    "LANGUAGE_MODEL_LORA_REGEX",
+    "Backbone",
+    "apply_lora",
+    "freeze_vision",
+    "load_backbone",
+    "merge_lora",
+]
+
 BACKBONE_JSON = "backbone.json"
-ABS_POS_FILE = "abs_pos.safetensors"
+ADAPTER_DIR = "adapter"
+MERGED_DIR = "merged"
+# the vision side of each family (tower + projector/merger), by module name: what ``freeze_vision`` freezes
+VISION_MODULES: dict[str, tuple[str, ...]] = {name: fam.vision_modules for name, fam in FAMILIES.items()}
 
 
 @dataclass
@@ -42,9 +69,13 @@ class Backbone:
     encoder: Any  # visrl.models.encoding.VLMEncoder
     box_format: Any  # visrl.data.boxes.BoxFormat (None only in low-level tests)
     image_size: int | None  # side the pipeline resizes images and crops to; None keeps them as they are
-    family: str = ""  # "llava" | "qwen2vl" | "qwen25vl"
+    family: str = ""  # a key of visrl.models.families.FAMILIES
     spec: dict[str, Any] = field(default_factory=dict)  # builder and its arguments (backbone.json)
     lora: dict[str, Any] | None = None  # default apply_lora settings from the model config
+
+    @property
+    def fam(self) -> Family:
+        return get_family(self.family, f"backbone {self.name!r}")
 
     @property
     def is_lora(self) -> bool:
@@ -55,31 +86,30 @@ class Backbone:
         """The underlying ``PreTrainedModel`` (LoRA layers still injected when ``is_lora``)."""
         return self.model.get_base_model() if self.is_lora else self.model
 
-    def save(self, path: str | Path, adapter_only: bool = False) -> None:
-        """Write weights, config, processor and backbone.json under ``path``.
+    def save(self, path: str | Path, merged: bool = False) -> None:
+        """Write the model in the hub layout under ``path`` (+ ``backbone.json``).
 
-        A LoRA model is saved merged (a plain model) unless ``adapter_only``: then the base weights and the
-        PEFT adapter are written separately and :func:`load_backbone` re-wraps the model.
+        Under LoRA ``path`` holds the base weights and ``path/adapter`` the PEFT adapter; ``merged`` also
+        writes a plain merged copy (model + processor) to ``path/merged``.
         """
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        adapter = adapter_only and self.is_lora
-        if adapter:
-            self.model.save_pretrained(path / "adapter")
-            plain = _strip_lora(self.model)
-        else:
-            plain = merged_copy(self.model) if self.is_lora else self.model
-        _save_plain(plain, path / "model")
-        self.encoder.processor.save_pretrained(path / "processor")
+        _save_plain(self.base_model, path)
+        save_processor(self.encoder.processor, self.fam, path)
+        if self.is_lora:
+            self.model.save_pretrained(path / ADAPTER_DIR)
+            _point_adapter_at(path / ADAPTER_DIR, path)
+            if merged:
+                _save_plain(merged_copy(self.model), path / MERGED_DIR)
+                save_processor(self.encoder.processor, self.fam, path / MERGED_DIR)
         meta = {
             "name": self.name,
             "family": self.family,
             "image_size": self.image_size,
             "spec": self.spec,
             "box_format": box_format_spec(self.box_format),
-            "abs_pos_embed": _abs_pos(plain) is not None,
-            "adapter": adapter,
-            "processor_class": type(self.encoder.processor).__name__,
+            "abs_pos_embed": abs_pos_module(self.base_model) is not None,
+            "adapter": self.is_lora,
             "encoder_kwargs": {"end_of_turn": self.encoder.end_of_turn},
             "lora": self.lora,
         }
@@ -115,27 +145,26 @@ def build_box_format(spec: dict[str, Any] | None) -> Any:
     return getattr(importlib.import_module(module), name)(**spec)
 
 
-def _abs_pos(model: PreTrainedModel) -> torch.nn.Module | None:
-    from visrl.models.tiny import ABS_POS_ATTR
-
-    visual = getattr(getattr(model, "model", None), "visual", None)
-    return getattr(visual, ABS_POS_ATTR, None) if visual is not None else None
-
-
 def _save_plain(model: PreTrainedModel, out: Path) -> None:
-    """``save_pretrained`` without the abs-pos module, whose weights go to their own file."""
-    pos = _abs_pos(model)
-    if pos is None:
-        model.save_pretrained(out)
-        return
-    state = {k: v for k, v in model.state_dict().items() if ".abs_pos_embed." not in k}
+    """``save_pretrained`` of the plain weights: LoRA layers (if injected) and the abs-pos module left out,
+    the latter written to its own file; the result loads with the plain transformers class."""
+    state = {
+        k.replace(".base_layer.", "."): v
+        for k, v in model.state_dict().items()
+        if ".lora_" not in k and ".abs_pos_embed." not in k
+    }
     model.save_pretrained(out, state_dict=state)
-    save_file({k: v.contiguous() for k, v in pos.state_dict().items()}, str(out / ABS_POS_FILE))
+    pos = abs_pos_module(model)
+    if pos is not None:
+        save_file({k: v.contiguous() for k, v in pos.state_dict().items()}, str(out / ABS_POS_FILE))
 
 
-def _strip_lora(model: PeftModel) -> PreTrainedModel:
-    """A plain copy of the base weights of a PEFT model (adapters removed, not merged)."""
-    return copy.deepcopy(model).unload()
+def _point_adapter_at(adapter: Path, base: Path) -> None:
+    """Record the saved base directory as the adapter's base model."""
+    file = adapter / "adapter_config.json"
+    config = json.loads(file.read_text())
+    config["base_model_name_or_path"] = str(base.resolve())
+    file.write_text(json.dumps(config, indent=2, sort_keys=True))
 
 
 def merged_copy(model: PeftModel) -> PreTrainedModel:
@@ -143,40 +172,52 @@ def merged_copy(model: PeftModel) -> PreTrainedModel:
     return copy.deepcopy(model).merge_and_unload()
 
 
-def _model_class(family: str) -> type[PreTrainedModel]:
-    import transformers
-
-    names = {
-        "llava": "LlavaForConditionalGeneration",
-        "qwen2vl": "Qwen2VLForConditionalGeneration",
-        "qwen25vl": "Qwen2_5_VLForConditionalGeneration",
-    }
-    if family not in names:
-        raise ValueError(f"backbone.json: unknown family {family!r}; valid: {sorted(names)}")
-    return getattr(transformers, names[family])
-
-
-def _load_processor(meta: dict[str, Any], path: Path) -> Any:
-    """Tiny PIL processors are rebuilt from their saved tokenizer (AutoProcessor would need torchvision)."""
-    from transformers import AutoTokenizer
-
-    from visrl.models.real import load_processor
-    from visrl.models.tiny import build_processor
-
-    spec = meta["spec"]
-    if spec.get("builder") != "tiny":
-        return load_processor(meta["family"], path)
-    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    return build_processor(
-        meta["family"], tokenizer, spec["image_size"], spec["patch_size"], spec["merge_size"]
+def _layout(path: Path) -> tuple[Path, Path]:
+    """(model dir, processor dir): flat, or the ``model/`` + ``processor/`` layout of earlier saves."""
+    return (
+        (path / "model", path / "processor") if (path / "model" / "config.json").is_file() else (path, path)
     )
 
 
-def load_backbone(path: str | Path, dtype: str | None = None) -> Backbone:
-    """Restore anything written by :meth:`Backbone.save` (abs-pos module rebuilt before its weights load)."""
-    from visrl.models.encoding import make_encoder
-    from visrl.models.tiny import attach_abs_pos_embed
+def _load_processor(fam: Family, spec: dict[str, Any], directory: Path) -> Any:
+    """Tiny processors are rebuilt from their saved tokenizer (their PIL processor is built in code)."""
+    if spec.get("builder") != "tiny":
+        return load_processor(fam, directory)
+    tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
+    builder = resolve(fam.tiny_processor)
+    return builder(fam, tokenizer, spec["image_size"], spec["patch_size"], spec["merge_size"])
 
+
+def _encoder(fam: Family, meta: dict[str, Any], directory: Path) -> Any:
+    spec = meta["spec"]
+    template = None if spec.get("builder") == "tiny" else fam.chat_template  # as load_pretrained does
+    return make_encoder(
+        fam, _load_processor(fam, spec, directory), chat_template=template, **meta.get("encoder_kwargs", {})
+    )
+
+
+def _load_model(fam: Family, spec: dict[str, Any], directory: Path, dtype: str | None, abs_pos: bool) -> Any:
+    torch_dtype = getattr(torch, dtype or spec.get("dtype", "float32"))
+    kwargs: dict[str, Any] = {"dtype": torch_dtype, "local_files_only": True}
+    for key in ("attn_implementation", "device_map"):
+        if spec.get(key) is not None:
+            kwargs[key] = spec[key]
+    model = model_class(fam).from_pretrained(directory, **kwargs)
+    if abs_pos:
+        attach_abs_pos_embed(model, spec.get("abs_pos_grid", 8))
+        state = load_file(str(directory / ABS_POS_FILE))
+        model.model.visual.abs_pos_embed.load_state_dict({k: v.to(torch_dtype) for k, v in state.items()})
+    if spec.get("gradient_checkpointing"):
+        enable_gradient_checkpointing(model)
+    return model
+
+
+def load_backbone(path: str | Path, dtype: str | None = None, merge_adapter: bool = True) -> Backbone:
+    """Restore anything written by :meth:`Backbone.save`.
+
+    A LoRA save is returned merged (a plain model, what the pipeline continues from) unless
+    ``merge_adapter=False``: then the model is the trainable ``PeftModel`` of the saved adapter.
+    """
     path = Path(path)
     meta_file = path / BACKBONE_JSON
     if not meta_file.is_file():
@@ -184,27 +225,32 @@ def load_backbone(path: str | Path, dtype: str | None = None) -> Backbone:
             f"load_backbone: {meta_file} does not exist (not a directory written by Backbone.save)"
         )
     meta = json.loads(meta_file.read_text())
-    torch_dtype = getattr(torch, dtype or meta["spec"].get("dtype", "float32"))
-    model = _model_class(meta["family"]).from_pretrained(
-        path / "model", dtype=torch_dtype, local_files_only=True
-    )
-    if meta["abs_pos_embed"]:
-        attach_abs_pos_embed(model, meta["spec"].get("abs_pos_grid", 8))
-        state = load_file(str(path / "model" / ABS_POS_FILE))
-        model.model.visual.abs_pos_embed.load_state_dict({k: v.to(torch_dtype) for k, v in state.items()})
-    if meta["adapter"]:
-        model = PeftModel.from_pretrained(model, path / "adapter", is_trainable=True)
-    processor = _load_processor(meta, path / "processor")
+    fam = get_family(meta["family"], f"{meta_file}: family")
+    model_dir, processor_dir = _layout(path)
+    model = _load_model(fam, meta["spec"], model_dir, dtype, meta["abs_pos_embed"])
+    if meta["adapter"] and (path / ADAPTER_DIR).is_dir():
+        model = PeftModel.from_pretrained(model, path / ADAPTER_DIR, is_trainable=not merge_adapter)
+        model = model.merge_and_unload() if merge_adapter else model
     return Backbone(
         name=meta["name"],
         model=model,
-        encoder=make_encoder(meta["family"], processor, **meta.get("encoder_kwargs", {})),
+        encoder=_encoder(fam, meta, processor_dir),
         box_format=build_box_format(meta["box_format"]),
         image_size=meta["image_size"],
         family=meta["family"],
         spec=meta["spec"],
         lora=meta.get("lora"),
     )
+
+
+def enable_gradient_checkpointing(model: Any) -> None:
+    """Activation checkpointing on a model (or PEFT model): recompute activations in the backward pass.
+
+    Non-reentrant, so frozen inputs (LoRA, frozen vision tower) still carry gradients to the adapters.
+    """
+    base = model.get_base_model() if isinstance(model, PeftModel) else model
+    base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    base.config.use_cache = False
 
 
 LORA_DEFAULTS = {"r": 8, "alpha": 16, "dropout": 0.0, "target_regex": None}
@@ -235,7 +281,7 @@ def apply_lora(
         k: v if v is not None else (backbone.lora or {}).get(k, LORA_DEFAULTS[k]) for k, v in given.items()
     }
     r, alpha, dropout = settings["r"], settings["alpha"], settings["dropout"]
-    regex = settings["target_regex"] or LANGUAGE_MODEL_LORA_REGEX
+    regex = settings["target_regex"] or backbone.fam.lora_target_regex
     names = [n for n, _ in backbone.model.named_modules() if re.fullmatch(regex, n)]
     if not names:
         raise ValueError(f"apply_lora: target_regex {regex!r} matches no module of {backbone.name!r}")
@@ -251,14 +297,6 @@ def merge_lora(backbone: Backbone) -> Backbone:
     return dataclasses.replace(backbone, model=backbone.model.merge_and_unload())
 
 
-# The vision side of each family (tower + projector/merger), by module name: what ``freeze_vision`` freezes.
-VISION_MODULES: dict[str, tuple[str, ...]] = {
-    "qwen2vl": ("visual",),
-    "qwen25vl": ("visual",),
-    "llava": ("vision_tower", "multi_modal_projector"),
-}
-
-
 def freeze_vision(backbone: Backbone) -> Backbone:
     """Freeze the vision tower and its projector/merger (the reference's ``freeze_vision_tower=True``).
 
@@ -267,10 +305,7 @@ def freeze_vision(backbone: Backbone) -> Backbone:
     plateau (measured: chance after 1 500 steps); frozen, the random tower keeps its features and a lone object
     is located in a few hundred steps (docs/toy-scale-status.md).
     """
-    names = VISION_MODULES.get(backbone.family)
-    if names is None:
-        raise ValueError(f"freeze_vision: unknown family {backbone.family!r}; known: {sorted(VISION_MODULES)}")
     inner = backbone.base_model.model
-    for name in names:
+    for name in backbone.fam.vision_modules:
         getattr(inner, name).requires_grad_(False)
     return backbone

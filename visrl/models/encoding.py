@@ -23,6 +23,7 @@ and tokenized once.
 
 from __future__ import annotations
 
+import re
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -48,9 +49,15 @@ class EncodedPrompt:
 
 
 class VLMEncoder:
-    """Family-independent encoding; subclasses define how one image becomes tensors and tokens."""
+    """Family-independent encoding; subclasses define how one image becomes tensors and tokens.
 
-    family = "base"
+    Text that is not the template's own (question text, model-written text) never creates special tokens
+    it should not: ``image_strings`` (e.g. ``<image>``, ``<|image_pad|>``) written by a model stay plain text,
+    so a re-encoded answer can never ask for an image the row does not have, while the family's other special
+    tokens a model writes (Qwen2-VL's ``<|box_start|>``) stay single tokens; user (question) text is escaped
+    for every special token. ``escaped_texts`` counts the texts that needed it.
+    """
+
     uses_token_types = False
 
     def __init__(
@@ -60,15 +67,25 @@ class VLMEncoder:
         cache_size: int = 512,
         *,
         cache_bytes: int = 1 << 30,
+        chat_template: str | None = None,
+        image_strings: Sequence[str] = (),
     ) -> None:
         self.processor = processor
         self.tokenizer = processor.tokenizer
         self.image_processor = processor.image_processor
-        self.chat_template = getattr(processor, "chat_template", None) or self.tokenizer.chat_template
+        self.chat_template = (
+            chat_template or getattr(processor, "chat_template", None) or self.tokenizer.chat_template
+        )
         if self.chat_template is None:
             raise ValueError(f"{type(self).__name__}: the processor and its tokenizer have no chat template")
         self.image_token = processor.image_token
         self.image_token_id = self.tokenizer.convert_tokens_to_ids(self.image_token)
+        self.image_strings = tuple(dict.fromkeys([*image_strings, self.image_token]))
+        decoder = getattr(self.tokenizer, "added_tokens_decoder", {})
+        self.special_strings = tuple(
+            dict.fromkeys([*self.image_strings, *(t.content for t in decoder.values() if t.special)])
+        )
+        self.escaped_texts = 0  # question or model texts that held a special-token string (escaped)
         if end_of_turn is None:
             vocab = self.tokenizer.get_vocab()
             end_of_turn = "<|im_end|>" if "<|im_end|>" in vocab else self.tokenizer.eos_token
@@ -158,6 +175,7 @@ class VLMEncoder:
         return EncodedPrompt(expanded, types if self.uses_token_types else None, vision)
 
     def _render(self, prompt: Prompt) -> str:
+        """The rendered chat text (for messages)."""
         return self.tokenizer.apply_chat_template(
             self.conversation(prompt),
             chat_template=self.chat_template,
@@ -171,7 +189,7 @@ class VLMEncoder:
         key = tuple((m.role, tuple(p if isinstance(p, str) else None for p in m.parts)) for m in prompt)
         ids = self._texts.get(key)
         if ids is None:
-            ids = self.tokenizer(self._render(prompt), add_special_tokens=True).input_ids
+            ids = self._tokenize_prompt(prompt)
             self._texts[key] = ids
             if len(self._texts) > 4 * self._cache_size:
                 self._texts.popitem(last=False)
@@ -179,12 +197,51 @@ class VLMEncoder:
             self._texts.move_to_end(key)
         return list(ids)
 
+    def _tokenize_prompt(self, prompt: Prompt) -> list[int]:
+        """Render and tokenize; a text part holding a special-token string is cut out of the rendered text
+        (a ``\\x00i\\x00`` sentinel) and tokenized escaped (user text: every special token; assistant text:
+        the image strings). Prompts without such text take the plain path, unchanged."""
+        escaped: list[tuple[str, tuple[str, ...]]] = []
+        messages = self.conversation(prompt)
+        for message in messages:
+            protect = self.image_strings if message["role"] == "assistant" else self.special_strings
+            for part in message["content"]:
+                if part["type"] == "text" and any(s in part["text"] for s in protect):
+                    escaped.append((part["text"], protect))
+                    part["text"] = f"\x00{len(escaped) - 1}\x00"
+        rendered = self.tokenizer.apply_chat_template(
+            messages, chat_template=self.chat_template, tokenize=False, add_generation_prompt=True
+        )
+        if not escaped:
+            return self.tokenizer(rendered, add_special_tokens=True).input_ids
+        pieces = re.split("\x00([0-9]+)\x00", rendered)
+        ids = self.tokenizer(pieces[0], add_special_tokens=True).input_ids
+        for i in range(1, len(pieces), 2):
+            ids += self.protected_ids(*escaped[int(pieces[i])])
+            ids += self.tokenizer(pieces[i + 1], add_special_tokens=False).input_ids if pieces[i + 1] else []
+        return ids
+
+    def protected_ids(self, text: str, protect: Sequence[str]) -> list[int]:
+        """Token ids of ``text`` in which every string of ``protect`` is spelled as plain text (counted)."""
+        pattern = "(" + "|".join(re.escape(s) for s in protect) + ")"
+        pieces = re.split(pattern, text) if protect else [text]
+        if len(pieces) > 1:
+            self.escaped_texts += 1
+        ids: list[int] = []
+        for i, piece in enumerate(pieces):
+            if piece:
+                ids += self.tokenizer(
+                    piece, add_special_tokens=False, split_special_tokens=bool(i % 2)
+                ).input_ids
+        return ids
+
     def encode_completion(self, text: str) -> list[int]:
-        """Token ids of ``text`` followed by the end-of-turn token(s)."""
-        # split_special_tokens: a sampled completion that contains e.g. "<|image_pad|>" as text must stay
-        # text, never become a placeholder that asks for an image the row does not have
-        ids = self.tokenizer(text, add_special_tokens=False, split_special_tokens=True).input_ids
-        return ids + self.end_of_turn_ids
+        """Token ids of model-written ``text`` followed by the end-of-turn token(s).
+
+        The family's own special tokens in it stay single tokens (a Qwen2-VL box is
+        ``<|box_start|>(x1,y1),(x2,y2)<|box_end|>``); image strings stay text (never an image slot).
+        """
+        return self.protected_ids(text, self.image_strings) + self.end_of_turn_ids
 
     def decode(self, ids: Sequence[int] | Tensor) -> str:
         """Decode generated ids, cut at the first end-of-turn / eos / pad token, stripped.
@@ -244,7 +301,6 @@ def _nbytes(vision: dict[str, Tensor]) -> int:
 class QwenEncoder(VLMEncoder):
     """Qwen2-VL and Qwen2.5-VL: dynamic-resolution patches, ``image_grid_thw``, ``mm_token_type_ids``."""
 
-    family = "qwen2vl"
     uses_token_types = True
 
     def _process_image(self, image: Image.Image) -> tuple[dict[str, Tensor], int]:
@@ -294,13 +350,11 @@ class QwenEncoder(VLMEncoder):
 
 
 class Qwen25Encoder(QwenEncoder):
-    family = "qwen25vl"
+    """Qwen2.5-VL: same tensors as Qwen2-VL (window attention is inside the model)."""
 
 
 class LlavaEncoder(VLMEncoder):
     """LLaVA(-1.5): fixed-size square images, CLS token dropped by the "default" feature strategy."""
-
-    family = "llava"
 
     def __init__(
         self,
@@ -310,19 +364,31 @@ class LlavaEncoder(VLMEncoder):
         pad_to_square: bool = True,
         *,
         cache_bytes: int = 1 << 30,
+        chat_template: str | None = None,
+        image_strings: Sequence[str] = (),
     ) -> None:
-        super().__init__(processor, end_of_turn, cache_size, cache_bytes=cache_bytes)
+        super().__init__(
+            processor,
+            end_of_turn,
+            cache_size,
+            cache_bytes=cache_bytes,
+            chat_template=chat_template,
+            image_strings=image_strings,
+        )
         self.pad_to_square = pad_to_square
 
     def _square(self, image: Image.Image) -> Image.Image:
-        """Pad to a square with the normalisation mean colour (LLaVA's ``expand2square``), centred."""
+        """Pad to a square with the normalisation mean colour (LLaVA's ``expand2square``: ``int(m * 255)``),
+        centred."""
         image = image.convert("RGB")
         w, h = image.size
         if w == h or not self.pad_to_square:
             return image
         mean = getattr(self.image_processor, "image_mean", None) or (0.5, 0.5, 0.5)
         side = max(w, h)
-        canvas = Image.new("RGB", (side, side), tuple(int(round(255 * m)) for m in mean))
+        canvas = Image.new(
+            "RGB", (side, side), tuple(int(m * 255) for m in mean)
+        )  # LLaVA's own (int, not round)
         canvas.paste(image, ((side - w) // 2, (side - h) // 2))
         return canvas
 
@@ -340,17 +406,3 @@ class LlavaEncoder(VLMEncoder):
     def processed_size(self, image: Image.Image) -> tuple[int, int]:
         pixels = self.image_features(image)[0]["pixel_values"]
         return int(pixels.shape[-1]), int(pixels.shape[-2])
-
-
-ENCODERS: dict[str, type[VLMEncoder]] = {
-    "llava": LlavaEncoder,
-    "qwen2vl": QwenEncoder,
-    "qwen25vl": Qwen25Encoder,
-}
-
-
-def make_encoder(family: str, processor: Any, **kwargs: Any) -> VLMEncoder:
-    """The encoder of ``family`` ("llava", "qwen2vl", "qwen25vl") around ``processor``."""
-    if family not in ENCODERS:
-        raise ValueError(f"make_encoder: unknown family {family!r}; valid: {sorted(ENCODERS)}")
-    return ENCODERS[family](processor, **kwargs)

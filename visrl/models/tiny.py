@@ -5,15 +5,11 @@ exercised end to end on a CPU with the *same* model classes the 7B backbones use
 (``LlavaForConditionalGeneration``, ``Qwen2VLForConditionalGeneration``,
 ``Qwen2_5_VLForConditionalGeneration``), only with tiny configs and the tiny tokenizer of
 :mod:`visrl.models.tokenizer`. Everything downstream (encoder, policy, losses, LoRA) therefore runs the
-real code paths (M-RoPE, window attention, multi-image placeholders, CLS dropping).
+real code paths (M-RoPE, window attention, multi-image placeholders, CLS dropping). Per-family facts
+(model class, image token, config builder, processor builder) come from :mod:`visrl.models.families`.
 
 Departure from the reference models (documented, deliberate): ``abs_pos_embed=True`` adds a learned 2-D
-absolute position embedding to the *merged* vision tokens of the Qwen towers. Those towers carry only
-rotary positions, and at tiny scale a from-scratch model then learns "where is X" very slowly or not at
-all (shared/notes/toy-scale-findings.md). The embedding is a submodule of the visual tower (saved,
-trained, LoRA-frozen like the tower) applied by a forward hook; a base grid is bilinearly resized to each
-image's merged grid, so crops with other aspect ratios still get positions. LLaVA's CLIP tower already has
-absolute positions.
+absolute position embedding to the *merged* vision tokens of the Qwen towers (:mod:`visrl.models.abspos`).
 """
 
 from __future__ import annotations
@@ -21,24 +17,14 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
-from torch import nn
 from transformers import (
-    CLIPImageProcessorPil,
     CLIPVisionConfig,
     LlamaConfig,
     LlavaConfig,
-    LlavaForConditionalGeneration,
-    LlavaProcessor,
+    PretrainedConfig,
     PreTrainedModel,
-    ProcessorMixin,
     Qwen2_5_VLConfig,
-    Qwen2_5_VLForConditionalGeneration,
-    Qwen2_5_VLProcessor,
     Qwen2VLConfig,
-    Qwen2VLForConditionalGeneration,
-    Qwen2VLImageProcessorPil,
-    Qwen2VLProcessor,
 )
 from transformers.models.qwen2_5_vl.configuration_qwen2_5_vl import (
     Qwen2_5_VLTextConfig,
@@ -46,62 +32,12 @@ from transformers.models.qwen2_5_vl.configuration_qwen2_5_vl import (
 )
 from transformers.models.qwen2_vl.configuration_qwen2_vl import Qwen2VLTextConfig, Qwen2VLVisionConfig
 
-from visrl.models.backbone import Backbone
-from visrl.models.encoding import make_encoder
-from visrl.models.tokenizer import (
-    LLAVA_IMAGE_TOKEN,
-    QWEN_IMAGE_TOKEN,
-    VISION_END,
-    VISION_START,
-    build_tiny_tokenizer,
-)
-
-FAMILIES = ("llava", "qwen2vl", "qwen25vl")
-ABS_POS_ATTR = "abs_pos_embed"
-
-
-class MergedGridPositionEmbedding(nn.Module):
-    """Learned 2-D absolute positions for merged vision tokens, resized to any merged grid."""
-
-    def __init__(self, dim: int, merge_size: int, base_grid: int = 8, init_std: float = 0.02) -> None:
-        super().__init__()
-        self.merge_size = merge_size
-        self.base_grid = base_grid
-        self.weight = nn.Parameter(torch.randn(dim, base_grid, base_grid) * init_std)  # [D, g, g]
-
-    def forward(self, grid_thw: torch.Tensor) -> torch.Tensor:
-        """``grid_thw`` [N, 3] (patch grid per image) -> [sum_i t_i*h_i*w_i / merge², D], row-major."""
-        chunks = []
-        for t, h, w in grid_thw.tolist():
-            hm, wm = h // self.merge_size, w // self.merge_size
-            grid = self.weight
-            if (hm, wm) != (self.base_grid, self.base_grid):
-                grid = F.interpolate(grid[None], size=(hm, wm), mode="bilinear", align_corners=False)[0]
-            chunks.append(grid.flatten(1).T.repeat(t, 1))  # [t*hm*wm, D]
-        return torch.cat(chunks, dim=0)
-
-
-def _add_abs_pos(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
-    """Forward hook on the Qwen visual tower: ``pooler_output`` [sum_tokens, D] += positions."""
-    grid_thw = kwargs.get("grid_thw", args[1] if len(args) > 1 else None)
-    if grid_thw is None:
-        raise ValueError("tiny.py abs-pos hook: the visual tower was called without grid_thw")
-    pos = getattr(module, ABS_POS_ATTR)(grid_thw)
-    output.pooler_output = output.pooler_output + pos.to(output.pooler_output.dtype)
-    return output
-
-
-def attach_abs_pos_embed(model: PreTrainedModel, base_grid: int = 8, init_std: float = 0.02) -> None:
-    """Register the merged-grid position embedding on ``model.model.visual`` (idempotent)."""
-    visual = model.model.visual
-    if hasattr(visual, ABS_POS_ATTR):
-        return
-    dim = model.config.text_config.hidden_size
-    merge = model.config.vision_config.spatial_merge_size
-    param = next(visual.parameters())
-    module = MergedGridPositionEmbedding(dim, merge, base_grid, init_std).to(device=param.device, dtype=param.dtype)
-    visual.add_module(ABS_POS_ATTR, module)
-    visual.register_forward_hook(_add_abs_pos, with_kwargs=True)
+from visrl.models.abspos import attach_abs_pos_embed
+from visrl.models.backbone import Backbone, enable_gradient_checkpointing
+from visrl.models.backbone import freeze_vision as _freeze
+from visrl.models.families import Family, get_family, make_encoder, model_class, resolve
+from visrl.models.placement import cast_weights
+from visrl.models.tokenizer import VISION_END, VISION_START, build_tiny_tokenizer
 
 
 def mrope_section(head_dim: int) -> list[int]:
@@ -110,56 +46,6 @@ def mrope_section(head_dim: int) -> list[int]:
     t = half // 4
     h = (half - t) // 2
     return [t, h, half - t - h]
-
-
-class _NoVideoProcessorMixin:
-    """Shared init for the Qwen processors without a video processor (torchvision is not installable)."""
-
-    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs) -> None:
-        self.image_token = getattr(tokenizer, "image_token", QWEN_IMAGE_TOKEN)
-        self.video_token = "<|video_pad|>"
-        self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
-        self.video_token_id = None
-        ProcessorMixin.__init__(self, image_processor, tokenizer, chat_template=chat_template)
-
-
-class TinyQwen2VLProcessor(_NoVideoProcessorMixin, Qwen2VLProcessor):
-    """Qwen2-VL processor with the PIL image processor and no video processor."""
-
-
-class TinyQwen2_5_VLProcessor(_NoVideoProcessorMixin, Qwen2_5_VLProcessor):
-    """Qwen2.5-VL processor with the PIL image processor and no video processor."""
-
-
-def qwen_processor_class(family: str) -> type[ProcessorMixin]:
-    """The video-free processor class of a Qwen family ("qwen2vl" or "qwen25vl")."""
-    return TinyQwen2VLProcessor if family == "qwen2vl" else TinyQwen2_5_VLProcessor
-
-
-def build_processor(
-    family: str, tokenizer, image_size: int, patch_size: int, merge_size: int
-) -> ProcessorMixin:
-    """The PIL-backed processor of a tiny backbone (images resized to exactly ``image_size`` squared)."""
-    if family == "llava":
-        side = {"height": image_size, "width": image_size}
-        image_processor = CLIPImageProcessorPil(size=side, crop_size=side, do_center_crop=False)
-        return LlavaProcessor(
-            image_processor=image_processor,
-            tokenizer=tokenizer,
-            patch_size=patch_size,
-            vision_feature_select_strategy="default",
-            num_additional_image_tokens=1,
-            chat_template=tokenizer.chat_template,
-        )
-    factor = patch_size * merge_size
-    image_processor = Qwen2VLImageProcessorPil(
-        min_pixels=factor * factor,
-        max_pixels=max(image_size * image_size, factor * factor),
-        patch_size=patch_size,
-        merge_size=merge_size,
-        temporal_patch_size=2,
-    )
-    return qwen_processor_class(family)(image_processor, tokenizer, chat_template=tokenizer.chat_template)
 
 
 def _text_sizes(tok, s: dict[str, int]) -> dict[str, int]:
@@ -175,10 +61,8 @@ def _text_sizes(tok, s: dict[str, int]) -> dict[str, int]:
     )
 
 
-def _qwen_config(family: str, tok, s: dict[str, int]) -> Qwen2VLConfig | Qwen2_5_VLConfig:
-    ids = {
-        name: tok.convert_tokens_to_ids(t) for name, t in (("image", QWEN_IMAGE_TOKEN), ("vs", VISION_START))
-    }
+def _qwen_parts(fam: Family, tok, s: dict[str, int]) -> tuple[dict, dict, dict]:
+    """(text, vision, token-id) config arguments shared by the two Qwen families."""
     text = dict(
         **_text_sizes(tok, s),
         rope_parameters={
@@ -199,16 +83,26 @@ def _qwen_config(family: str, tok, s: dict[str, int]) -> Qwen2VLConfig | Qwen2_5
         temporal_patch_size=2,
     )
     tokens = dict(
-        image_token_id=ids["image"],
+        image_token_id=tok.convert_tokens_to_ids(fam.image_token),
         video_token_id=len(tok),  # no video token in the tiny vocabulary; never matches an input id
-        vision_start_token_id=ids["vs"],
+        vision_start_token_id=tok.convert_tokens_to_ids(VISION_START),
         vision_end_token_id=tok.convert_tokens_to_ids(VISION_END),
     )
-    if family == "qwen2vl":
-        vision.update(embed_dim=s["vision_hidden"], hidden_size=s["text_hidden"], mlp_ratio=4)
-        return Qwen2VLConfig(
-            text_config=Qwen2VLTextConfig(**text), vision_config=Qwen2VLVisionConfig(**vision), **tokens
-        )
+    return text, vision, tokens
+
+
+def qwen2vl_config(fam: Family, tok, s: dict[str, int]) -> Qwen2VLConfig:
+    """Tiny Qwen2-VL config (the family table's ``tiny_config`` of "qwen2vl")."""
+    text, vision, tokens = _qwen_parts(fam, tok, s)
+    vision.update(embed_dim=s["vision_hidden"], hidden_size=s["text_hidden"], mlp_ratio=4)
+    return Qwen2VLConfig(
+        text_config=Qwen2VLTextConfig(**text), vision_config=Qwen2VLVisionConfig(**vision), **tokens
+    )
+
+
+def qwen25vl_config(fam: Family, tok, s: dict[str, int]) -> Qwen2_5_VLConfig:
+    """Tiny Qwen2.5-VL config (window attention; the last block full attention)."""
+    text, vision, tokens = _qwen_parts(fam, tok, s)
     vision.update(
         hidden_size=s["vision_hidden"],
         intermediate_size=4 * s["vision_hidden"],
@@ -221,7 +115,8 @@ def _qwen_config(family: str, tok, s: dict[str, int]) -> Qwen2VLConfig | Qwen2_5
     )
 
 
-def _llava_config(tok, s: dict[str, int]) -> LlavaConfig:
+def llava_config(fam: Family, tok, s: dict[str, int]) -> LlavaConfig:
+    """Tiny LLaVA config: CLIP tower of ``image_size`` px, Llama language model, CLS dropped."""
     vision = CLIPVisionConfig(
         hidden_size=s["vision_hidden"],
         intermediate_size=4 * s["vision_hidden"],
@@ -241,43 +136,32 @@ def _llava_config(tok, s: dict[str, int]) -> LlavaConfig:
     return LlavaConfig(
         vision_config=vision,
         text_config=text,
-        image_token_index=tok.convert_tokens_to_ids(LLAVA_IMAGE_TOKEN),
+        image_token_index=tok.convert_tokens_to_ids(fam.image_token),
         image_seq_length=n_tokens,
         vision_feature_select_strategy="default",
         vision_feature_layer=-1,
     )
 
 
-def _check_args(
-    family: str,
-    is_tiny: bool,
-    abs_pos_embed: bool,
-    text_hidden: int,
-    vision_hidden: int,
-    heads: int,
-    image_size: int,
-    patch_size: int,
-    merge_size: int,
-) -> None:
+def _check_args(fam: Family, is_tiny: bool, abs_pos_embed: bool, s: dict[str, int]) -> None:
     """Reject inconsistent tiny configs with a message naming the offending argument."""
     if not is_tiny:
         raise ValueError(
             "build_tiny: is_tiny=False; real backbones are built by visrl.models.real.load_pretrained"
         )
-    if family not in FAMILIES:
-        raise ValueError(f"build_tiny: unknown family {family!r}; valid: {FAMILIES}")
-    if abs_pos_embed and family == "llava":
+    if abs_pos_embed and not fam.abs_pos_embed:
         raise ValueError(
-            "build_tiny: abs_pos_embed applies to the Qwen towers; CLIP already has absolute positions"
+            f"build_tiny: abs_pos_embed applies to the Qwen towers, not {fam.name!r} (CLIP has absolute positions)"
         )
-    if text_hidden % heads or vision_hidden % heads:
+    if s["text_hidden"] % s["heads"] or s["vision_hidden"] % s["heads"]:
         raise ValueError(
-            f"build_tiny: text_hidden {text_hidden} / vision_hidden {vision_hidden} not divisible by heads {heads}"
+            f"build_tiny: text_hidden {s['text_hidden']} / vision_hidden {s['vision_hidden']} "
+            f"not divisible by heads {s['heads']}"
         )
-    unit = patch_size * (1 if family == "llava" else merge_size)
-    if image_size % unit:
+    unit = s["patch_size"] * (s["merge_size"] if fam.merged_patch_grid else 1)
+    if s["image_size"] % unit:
         raise ValueError(
-            f"build_tiny: image_size {image_size} is not a multiple of the patch grid unit {unit}"
+            f"build_tiny: image_size {s['image_size']} is not a multiple of the patch grid unit {unit}"
         )
 
 
@@ -304,22 +188,20 @@ def build_tiny(
     lora: dict[str, Any] | None = None,
     is_tiny: bool = True,
     freeze_vision: bool = False,  # pipeline setting; applied per stage by the pipeline, here on request
+    gradient_checkpointing: bool = False,
 ) -> Backbone:
-    """Build a randomly initialised tiny backbone of ``family`` ("llava", "qwen2vl", "qwen25vl").
+    """Build a randomly initialised tiny backbone of ``family`` (a key of the family table).
 
     Deterministic in ``seed`` (the global RNG is left untouched). With image_size 64, patch 8, merge 2 a
     Qwen image is 16 tokens; a LLaVA image is (image_size/patch_size)² tokens (CLS dropped).
-    ``abs_pos_embed`` defaults to True for the Qwen families and must be False for LLaVA; its learned grid is
-    ``abs_pos_grid`` square (resized to the merged grid of each image) with init std ``abs_pos_std``. ``lora``
-    (apply_lora settings: r, alpha, dropout, target_regex) is recorded as ``backbone.lora`` for the
-    pipeline's later :func:`apply_lora` call, not applied here; ``is_tiny`` is the config marker the
-    pipeline reads and must be True here (so ``conf/model/*.yaml`` instantiates as is).
+    ``abs_pos_embed`` defaults to the family's table entry (True for the Qwen families, not allowed for
+    LLaVA); its learned grid is ``abs_pos_grid`` square (resized to the merged grid of each image) with init
+    std ``abs_pos_std``. ``lora`` (apply_lora settings: r, alpha, dropout, target_regex) is recorded as
+    ``backbone.lora`` for the pipeline's later :func:`apply_lora` call, not applied here; ``is_tiny`` is
+    the config marker the pipeline reads and must be True here (so ``conf/model/*.yaml`` instantiates as is).
     """
-    if abs_pos_embed is None:
-        abs_pos_embed = family != "llava"
-    _check_args(
-        family, is_tiny, abs_pos_embed, text_hidden, vision_hidden, heads, image_size, patch_size, merge_size
-    )
+    fam = get_family(family, "build_tiny: family")
+    abs_pos_embed = fam.abs_pos_embed if abs_pos_embed is None else abs_pos_embed
     sizes = dict(
         text_hidden=text_hidden,
         text_layers=text_layers,
@@ -332,60 +214,43 @@ def build_tiny(
         merge_size=merge_size,
         image_size=image_size,
     )
-    image_token = LLAVA_IMAGE_TOKEN if family == "llava" else QWEN_IMAGE_TOKEN
-    tok = build_tiny_tokenizer(vocab_size=vocab_size, image_token=image_token)
-    processor = build_processor(family, tok, image_size, patch_size, merge_size)
+    _check_args(fam, is_tiny, abs_pos_embed, sizes)
+    tok = build_tiny_tokenizer(vocab_size=vocab_size, image_token=fam.image_token)
+    processor = resolve(fam.tiny_processor)(fam, tok, image_size, patch_size, merge_size)
     pos = {"abs_pos_grid": abs_pos_grid, "abs_pos_std": abs_pos_std} if abs_pos_embed else None
-    model = _init_model(family, tok, sizes, pos, seed, dtype)
+    model = _init_model(fam, resolve(fam.tiny_config)(fam, tok, sizes), pos, seed, dtype, tok.pad_token_id)
     spec = dict(
-        sizes, family=family, abs_pos_embed=abs_pos_embed, seed=seed, dtype=dtype, vocab_size=vocab_size,
+        sizes,
+        family=family,
+        abs_pos_embed=abs_pos_embed,
+        seed=seed,
+        dtype=dtype,
+        vocab_size=vocab_size,
+        gradient_checkpointing=gradient_checkpointing,
         **(pos or {}),
     )
     backbone = Backbone(
         name=name or f"tiny_{family}",
         model=model,
-        encoder=make_encoder(family, processor),
+        encoder=make_encoder(fam, processor),
         box_format=box_format,
         image_size=image_size,
         family=family,
         spec={"builder": "tiny", **spec},
         lora=dict(lora) if lora else None,
     )
-    if freeze_vision:
-        from visrl.models.backbone import freeze_vision as _freeze
-
-        _freeze(backbone)
-    return backbone
+    if gradient_checkpointing:
+        enable_gradient_checkpointing(model)
+    return _freeze(backbone) if freeze_vision else backbone
 
 
 def _init_model(
-    family: str, tok, sizes: dict[str, int], pos: dict[str, Any] | None, seed: int, dtype: str
+    fam: Family, config: PretrainedConfig, pos: dict[str, Any] | None, seed: int, dtype: str, pad_id: int
 ) -> PreTrainedModel:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        if family == "llava":
-            model: PreTrainedModel = LlavaForConditionalGeneration(_llava_config(tok, sizes))
-        elif family == "qwen2vl":
-            model = Qwen2VLForConditionalGeneration(_qwen_config(family, tok, sizes))
-        else:
-            model = Qwen2_5_VLForConditionalGeneration(_qwen_config(family, tok, sizes))
+        model: PreTrainedModel = model_class(fam)(config)
         if pos is not None:
             attach_abs_pos_embed(model, pos["abs_pos_grid"], pos["abs_pos_std"])
-    model.generation_config.pad_token_id = tok.pad_token_id
+    model.generation_config.pad_token_id = pad_id
     return cast_weights(model, getattr(torch, dtype))
-
-
-def cast_weights(model: PreTrainedModel, dtype: torch.dtype) -> PreTrainedModel:
-    """Cast parameters and persistent buffers to ``dtype``, as ``from_pretrained(dtype=...)`` loads them.
-
-    Non-persistent buffers (rotary ``inv_freq``) stay fp32; ``model.to(dtype)`` would round them, and a
-    saved-then-loaded model would then differ from the one built here.
-    """
-    for module in model.modules():
-        for param in module.parameters(recurse=False):
-            param.data = param.data.to(dtype)
-        for name, buf in module.named_buffers(recurse=False):
-            if buf.is_floating_point() and name not in module._non_persistent_buffers_set:
-                module._buffers[name] = buf.to(dtype)
-    model.config.dtype = dtype
-    return model

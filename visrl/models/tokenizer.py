@@ -10,7 +10,7 @@ Digits are split before the byte-level step, so every digit is exactly one token
 (``GridFormat``) writes "[1, 2, 2, 3]" and each coordinate must be a single decision of the model.
 
 The chat template is Qwen's ``<|im_start|>role\\n...<|im_end|>\\n`` layout (role tokens measurably help
-a from-scratch model separate the two VisRL steps, see shared/notes/cpu-stack-facts.md). Image parts are
+a from-scratch model separate the two VisRL steps, measured on the synthetic world). Image parts are
 rendered per family (:func:`chat_template`), and assistant turns sit in ``{% generation %}`` blocks so
 ``return_assistant_tokens_mask=True`` works.
 """
