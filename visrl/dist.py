@@ -67,6 +67,11 @@ def launcher_rank() -> int:
     return 0
 
 
+def launcher_local_rank() -> int:
+    """This process's rank on its node as its launcher set it (``LOCAL_RANK``; 0 when none did)."""
+    return int(os.environ.get("LOCAL_RANK", "0") or 0)
+
+
 def is_rank_zero() -> bool:
     """Whether this process is global rank 0: of the process group when it is up, else of the launcher."""
     return rank_world()[0] == 0 if _initialized() else launcher_rank() == 0

@@ -36,10 +36,11 @@ from visrl.data.io import read_json, write_json_atomic, write_text_atomic
 from visrl.data.records import read_viscot
 from visrl.data.sft import sft_rows
 from visrl.data.skills import base_rows
-from visrl.dist import check_strategy, on_rank_zero
+from visrl.dist import check_strategy, launcher_local_rank, on_rank_zero
 from visrl.logging.samples import log_model_artifact, log_pair_samples, log_predictions, report_run
 from visrl.models.backbone import Backbone, apply_lora, freeze_vision, load_backbone
 from visrl.models.frozen import frozen_policy
+from visrl.models.placement import place
 from visrl.models.policy import VLMPolicy
 from visrl.runs import RunDir, RunLock
 from visrl.summary import flat_numbers, write_final_files
@@ -95,7 +96,7 @@ def _run(cfg: DictConfig, run: RunDir) -> dict[str, Any]:
 def build_backbone(cfg: DictConfig) -> Backbone:
     """The model of ``conf/model`` (a tiny random init or real pretrained weights)."""
     spec = OmegaConf.to_container(cfg.model, resolve=True)
-    for key in ("lora", "is_tiny", "freeze_vision"):  # pipeline settings of the backbone, not builder arguments
+    for key in ("lora", "is_tiny", "freeze_vision", "save_merged"):  # pipeline settings of the backbone, not builder arguments
         spec.pop(key, None)
     return instantiate(spec, _convert_="all")
 
@@ -147,7 +148,7 @@ def sft_warmup(cfg: DictConfig, run: RunDir, backbone: Backbone, splits, image_r
         model = apply_lora(backbone, **cfg.model.lora) if cfg.sft.lora else backbone
         rows = sft_rows(read_viscot(splits["sft"]), image_root, model, templates)
         train_rows(cfg.sft, model, rows, run / "sft", logger, cfg)
-        on_rank_zero(model.save, run / "sft" / "model")
+        on_rank_zero(model.save, run / "sft" / "model", bool(cfg.model.save_merged))
 
     run.step("sft", train)
     return load_backbone(run / "sft" / "model")
@@ -159,7 +160,8 @@ def train_rows(stage_cfg: DictConfig, backbone: Backbone, rows, out: Path, logge
     from visrl.logging.lightning import RunLoggerAdapter
 
     trainable_parts(cfg, backbone)
-    dm = RowsDataModule(rows, backbone.encoder, int(stage_cfg.batch_size), int(stage_cfg.max_length), int(cfg.seed))
+    dm = RowsDataModule(rows, backbone.encoder, int(stage_cfg.batch_size), int(stage_cfg.max_length), int(cfg.seed),
+                        knob=f"{phase}.max_length")
     logger.log_iteration(0, {f"data/{phase}/dropped_long": float(sum(dm.dropped.values()))})
     module = SFTModule(backbone.model, instantiate(stage_cfg.optimizer), instantiate(stage_cfg.scheduler))
     adapter = RunLoggerAdapter(logger, name=phase, phase=phase)
@@ -173,6 +175,7 @@ def rl_iterations(cfg, run: RunDir, backbone: Backbone, data, splits, templates,
         backbone = apply_lora(backbone, **cfg.model.lora)
     trainable_parts(cfg, backbone)
     m_org = frozen_policy(backbone, run / "sft" / "model", int(cfg.rollout.batch_size))
+    place(m_org.backbone, trainer_device(cfg))  # a full-fine-tuning M_org is a copy loaded on the CPU
     prefs = build_preference_data(cfg, run.root, splits, data.image_root, templates)
     for k in range(1, int(cfg.iter) + 1):
         run.step(f"iter_{k}", lambda k=k: iteration(cfg, run, k, backbone, m_org, prefs, templates, benchmark,
@@ -182,7 +185,7 @@ def rl_iterations(cfg, run: RunDir, backbone: Backbone, data, splits, templates,
 def iteration(cfg, run: RunDir, k: int, backbone: Backbone, m_org, prefs, templates, benchmark, image_root,
               logger) -> None:
     """One VisRL iteration: regenerate with M_RL^{k-1}, DPO stage 1 and stage 2, save, evaluate."""
-    policy = VLMPolicy(backbone, batch_size=int(cfg.rollout.batch_size))  # M_RL^{k-1}
+    policy = on_device(cfg, backbone)  # M_RL^{k-1}
     regenerated = prefs.regenerate(policy, k, m_org if cfg.scorer.m_org == "initial" else policy)
     logger.log_iteration(k, flat_numbers(regenerated.stats.to_json(), "data/"))
     log_pair_samples(logger, run / f"iter_{k}" / "pairs.json", image_root, k)
@@ -196,7 +199,7 @@ def iteration(cfg, run: RunDir, k: int, backbone: Backbone, m_org, prefs, templa
         if stage.enabled:
             run.step(f"iter_{k}/{name}", lambda name=name, stage=stage: fit_dpo_stage(
                 cfg, stage, backbone, prefs, run / f"iter_{k}" / name, k, logger, reference), trains=backbone.model)
-    on_rank_zero(backbone.save, run / f"iter_{k}" / "model")  # merged under LoRA: a deployable model
+    on_rank_zero(backbone.save, run / f"iter_{k}" / "model", bool(cfg.model.save_merged))  # adapter under LoRA
     on_rank_zero(log_model_artifact, logger, run / f"iter_{k}" / "model", f"model_iter_{k}")
     evaluate(cfg, run, f"iter_{k}/eval", k, benchmark, backbone, templates, logger)
 
@@ -260,7 +263,7 @@ def evaluate(cfg: DictConfig, run: RunDir, name: str, k: int, benchmark, backbon
     are rank 0's)."""
 
     def evaluate_now() -> None:
-        policy = VLMPolicy(backbone, batch_size=int(cfg.rollout.batch_size))
+        policy = on_device(cfg, backbone)
         metrics = benchmark.evaluate(policy, templates, run / name)
         logger.log_iteration(k, {f"eval/{benchmark.name}/{key}": v for key, v in metrics.items()})
         log_predictions(logger, run / name / "predictions.jsonl", k)
@@ -281,6 +284,23 @@ def build_benchmark(cfg: DictConfig, splits: dict[str, Path]):
     if cfg.benchmark.get("split_path", "unset") is None:  # the synthetic benchmark reads the data's test split
         return instantiate(cfg.benchmark, split_path=str(splits["test"]))
     return instantiate(cfg.benchmark)
+
+
+def trainer_device(cfg: DictConfig) -> str:
+    """Where this process's trainer trains: ``trainer.accelerator`` auto/gpu/cuda -> this rank's GPU when there
+    is one (``cuda:<LOCAL_RANK>``, as Lightning assigns them), else the CPU."""
+    accelerator = str(cfg.trainer.get("accelerator", "auto"))
+    if accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available():
+        return f"cuda:{launcher_local_rank()}"
+    return "cpu"
+
+
+def on_device(cfg: DictConfig, backbone: Backbone) -> VLMPolicy:
+    """The backbone as a policy on the trainer's device: Lightning moves a model back to the CPU after a fit,
+    and a model loaded from disk starts there, so every rollout, scoring, reference and evaluation phase
+    starts here."""
+    place(backbone, trainer_device(cfg))
+    return VLMPolicy(backbone, batch_size=int(cfg.rollout.batch_size))
 
 
 def trainer_kwargs(cfg: DictConfig) -> dict[str, Any]:

@@ -105,6 +105,10 @@ RULES: dict[str, Rule] = {
     "fail_after": Rule("str", nullable=True),
     # model (tiny and real)
     "model.freeze_vision": BOOL,
+    "model.gradient_checkpointing": BOOL,
+    "model.save_merged": BOOL,
+    "model.min_pixels": _int(1, nullable=True),
+    "model.max_pixels": _int(1, nullable=True),
     "model.dtype": _one_of("float32", "bfloat16", "float16"),
     "model.image_size": _int(8, nullable=True),
     "model.text_hidden": COUNT,

@@ -18,6 +18,7 @@ from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
+from visrl.data.errors import InputError
 from visrl.data.images import crop_view, load_rgb, resolve, to_view
 from visrl.data.prompts import PromptTemplates
 from visrl.data.records import VisCoTRecord
@@ -65,3 +66,15 @@ def drop_long(rows: Sequence[Row], max_length: int) -> tuple[list[Row], Counter]
             "dropped %d rows longer than %d tokens: %s", sum(dropped.values()), max_length, dict(dropped)
         )
     return kept, dropped
+
+
+def check_fit(rows: Sequence[Row], kept: Sequence[Row], max_length: int, knob: str) -> None:
+    """Stop with ONE line naming the config key when every row is longer than ``max_length`` tokens (images
+    are never truncated: a too-small budget would otherwise end in an empty stage hours into a run)."""
+    if rows and not kept:
+        longest = max(r.length for r in rows)
+        raise InputError(
+            f"all {len(rows)} rows are longer than {knob}={max_length} tokens (longest {longest}): raise {knob}, "
+            "or lower the image budget (model.max_pixels for Qwen backbones)"
+        )
+

@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader
 from visrl.data.prompts import PromptTemplates
 from visrl.data.records import VisCoTRecord
 from visrl.data.rows import PairBatch, Row, RowDataset, StepBucketSampler, pair_batch
-from visrl.data.sft import drop_long
+from visrl.data.sft import check_fit, drop_long
 from visrl.dist import shard_batches
 from visrl.models.protocols import BackboneView, Encoder, Policy
 from visrl.rollout.filter import FilterConfig
@@ -55,11 +55,11 @@ class RowsDataModule(pl.LightningDataModule):
         max_length: int = 1024,
         seed: int = 0,
         val_rows: Sequence[Row] = (),
+        knob: str = "sft.max_length",
     ) -> None:
         super().__init__()
         self.rows, self.dropped = drop_long(rows, max_length)
-        if not self.rows:
-            raise ValueError(f"no training rows left after dropping rows longer than max_length={max_length}")
+        check_fit(rows, self.rows, max_length, knob)  # ``knob``: the config key of max_length, for the error
         self.val_rows, _ = drop_long(val_rows, max_length)
         self.encoder = encoder
         self.batch_size = batch_size
@@ -168,6 +168,7 @@ class PreferenceDataModule(PairDataModule):
             data.pairs, self.image_root, backbone, self.templates, STEPS, self.rejected_own_crop
         )
         self.rows = [r for r in rows if r.length <= self.max_length]
+        check_fit(rows, self.rows, self.max_length, "dpo.max_length")
         self.dropped = {s: sum(r.step == s and r.length > self.max_length for r in rows) for s in STEPS}
         if any(self.dropped.values()):
             log.warning(
