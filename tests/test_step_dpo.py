@@ -18,6 +18,7 @@ from visrl.data.hashing import rows_fingerprint
 from visrl.data.prompts import PromptTemplates
 from visrl.data.rows import PairBatch, Row, pair_batch
 from visrl.models.backbone import apply_lora
+from visrl.models.fingerprint import model_fingerprint, processor_fingerprint
 from visrl.models.logprobs import sequence_logps
 from visrl.models.tiny import build_tiny
 from visrl.training.pair_logps import pack_pairs, pair_logps
@@ -28,8 +29,6 @@ from visrl.training.reference import (
     ReferenceCache,
     ReferenceStrategy,
     compute_reference_logps,
-    model_fingerprint,
-    processor_fingerprint,
 )
 from visrl.training.step_dpo import StepDPOModule
 

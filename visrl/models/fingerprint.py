@@ -12,14 +12,9 @@ import hashlib
 import json
 from typing import Any
 
-import torch
-from torch import Tensor, nn
+from torch import nn
 
-
-def _hash_tensor(h: Any, t: Tensor) -> None:
-    t = t.detach().cpu().contiguous()
-    h.update(f"{tuple(t.shape)}{t.dtype}".encode())
-    h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+from visrl.data.hashing import hash_tensor
 
 
 def model_fingerprint(model: nn.Module) -> str:
@@ -27,7 +22,7 @@ def model_fingerprint(model: nn.Module) -> str:
     h = hashlib.blake2b(digest_size=16)
     for name, t in [*model.named_parameters(), *model.named_buffers()]:
         h.update(name.encode())
-        _hash_tensor(h, t)
+        hash_tensor(h, t)
     return h.hexdigest()
 
 

@@ -31,7 +31,6 @@ question, answer, image path) on entry.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import random
@@ -42,7 +41,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from PIL import Image
 
 from visrl.data.boxes import Box, BoxFormat, Size
@@ -51,6 +49,7 @@ from visrl.data.images import crop_view, load_rgb, resolve, to_view
 from visrl.data.io import append_lines
 from visrl.data.prompts import PromptTemplates
 from visrl.data.records import VisCoTRecord
+from visrl.models.fingerprint import policy_fingerprint
 from visrl.models.protocols import Policy
 from visrl.progress import progress
 from visrl.rollout.badbox import format_snap, maybe_replace_bad
@@ -63,7 +62,6 @@ __all__ = [
     "RolloutQuestion",
     "derive_seed",
     "generate_candidates",
-    "model_fingerprint",
 ]
 
 log = logging.getLogger(__name__)
@@ -144,20 +142,6 @@ def as_questions(questions: Sequence[VisCoTRecord | RolloutQuestion]) -> list[Ro
 def derive_seed(*parts: int) -> int:
     """A 32-bit seed mixed from non-negative integers (numpy SeedSequence: no correlated streams)."""
     return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1, dtype=np.uint32)[0])
-
-
-def model_fingerprint(policy: Policy | torch.nn.Module) -> str | None:
-    """A cheap digest of a policy's weights (~4k strided values per tensor), None if it has no model."""
-    model = getattr(policy, "model", policy)
-    if not isinstance(model, torch.nn.Module):
-        return None
-    digest = hashlib.sha256()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            flat = p.detach().reshape(-1)
-            sample = flat[:: max(1, flat.numel() // 4096)].double()
-            digest.update(f"{name}:{tuple(p.shape)}:{sample.sum():.6e}:{sample.abs().sum():.6e};".encode())
-    return digest.hexdigest()[:16]
 
 
 def _scorer_id(scorer: Any) -> str:
@@ -395,8 +379,8 @@ def generate_candidates(
         "shard": [rank, world],
         "answer_scorer": _scorer_id(answer_scorer),
         "crop_scorer": _scorer_id(crop_scorer),
-        "policy": model_fingerprint(policy),
-        "m_org": model_fingerprint(m_org),
+        "policy": policy_fingerprint(policy),
+        "m_org": policy_fingerprint(m_org),
     }
     open_candidates(path, meta)
     plan = _plan(qs, cfg, rank, world)

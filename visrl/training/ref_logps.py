@@ -23,8 +23,8 @@ from visrl.data.hashing import rows_fingerprint
 from visrl.data.io import read_json, write_json_atomic
 from visrl.data.rows import Row, StepBucketSampler, pair_batch
 from visrl.dist import all_gather_objects, barrier, is_rank_zero, rank_world
+from visrl.models.fingerprint import model_fingerprint, policy_fingerprint, processor_fingerprint
 from visrl.models.protocols import Encoder, Policy
-from visrl.rollout.generator import model_fingerprint as cheap_fingerprint
 from visrl.training import reference as ref
 
 __all__ = ["attach_reference_logps", "reference_values"]
@@ -71,7 +71,7 @@ def _per_row_file(
 ) -> list[tuple[float, float]]:
     """Values from / into a JSON keyed by ``"uid|step"`` and tagged with the reference's fingerprint: rows
     already in it are reused, the others computed; rank 0 writes."""
-    tag = cheap_fingerprint(model)
+    tag = policy_fingerprint(model)
     cached: dict[str, list[float]] = {}
     if path is not None and path.exists():
         data = read_json(path)
@@ -89,9 +89,9 @@ def _content_cache(
 ) -> list[tuple[float, float]]:
     """Values from / into ``cache`` under (reference weights, rows, processor) fingerprints; rank 0 writes."""
     key = {
-        "model": ref.model_fingerprint(model),
+        "model": model_fingerprint(model),
         "rows": rows_fingerprint(rows),
-        "processor": ref.processor_fingerprint(encoder),
+        "processor": processor_fingerprint(encoder),
     }
     if cache.path(key).is_file():
         return cache.get_or_compute(key, lambda: [])  # a hit: read (and key-checked), never computed

@@ -24,7 +24,6 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from visrl.data.hashing import hash_tensor
 from visrl.data.io import read_json, write_json_atomic
 from visrl.data.rows import PairBatch, Row, pair_batch
 from visrl.models.protocols import Encoder
@@ -38,8 +37,6 @@ __all__ = [
     "ReferenceCache",
     "ReferenceStrategy",
     "compute_reference_logps",
-    "model_fingerprint",
-    "processor_fingerprint",
     "to_model",
 ]
 
@@ -193,31 +190,6 @@ def compute_reference_logps(
 
 
 # ---- fingerprints and cache ----------------------------------------------------------------------------
-def model_fingerprint(model: nn.Module) -> str:
-    """Digest of every parameter and buffer (names, shapes, dtypes, bytes): same weights, same digest."""
-    h = hashlib.blake2b(digest_size=16)
-    for name, t in [*model.named_parameters(), *model.named_buffers()]:
-        h.update(name.encode())
-        hash_tensor(h, t)
-    return h.hexdigest()
-
-
-def processor_fingerprint(encoder: Encoder) -> str:
-    """Digest of the tokenizer vocabulary, chat template and image-processor settings."""
-    tok = encoder.tokenizer  # type: ignore[attr-defined]  # VLMEncoder's
-    image = encoder.image_processor  # type: ignore[attr-defined]
-    settings = image.to_dict() if hasattr(image, "to_dict") else vars(image)
-    parts = [
-        sorted(tok.get_vocab().items()),
-        encoder.chat_template,  # type: ignore[attr-defined]
-        type(encoder).__name__,
-        settings,
-    ]
-    return hashlib.blake2b(
-        json.dumps(parts, sort_keys=True, default=str).encode(), digest_size=16
-    ).hexdigest()
-
-
 class ReferenceCache:
     """Reference log-probs on disk, one JSON file per key: ``<root>/<digest>.json``.
 
