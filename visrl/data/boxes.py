@@ -2,8 +2,8 @@
 
 VisRL (paper §3, the Visual-CoT format) has the model write a focus box as text in step 1; the image is
 cropped to it and the model answers from image + crop in step 2. Every backbone family writes boxes in its
-own frame, and the reference code mixes frames (``shared/notes/benchmark-formats.md`` §1d, §3 "frame
-mismatch"), so this module keeps ONE canonical frame and converts explicitly at the edges.
+own frame, and the reference code mixes frames (its Visual-CoT boxes are in the padded-square frame while
+its Qwen prompts expect 0..1000 or resized pixels), so this module keeps ONE canonical frame and converts explicitly at the edges.
 
 Frames (``size`` is always ``(W, H)`` of the ORIGINAL image):
 

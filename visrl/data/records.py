@@ -1,8 +1,8 @@
 """Records: Visual-CoT benchmark/training JSON, Visual-CoT detection JSONL, VisRL preference JSON.
 
 VisRL (paper §3-4) trains on Visual-CoT data (question, ground-truth box, answer) and writes step-level
-preference pairs in LLaMA-Factory's sharegpt ranking layout. Schemas: ``shared/notes/benchmark-formats.md``
-§1a (VisCoT records), §1b (detection rows), §3 (VisRL pairs).
+preference pairs in LLaMA-Factory's sharegpt ranking layout (``conversations`` + ``chosen`` / ``rejected``
+turns, ``images`` paths); the schemas of each reader are in its docstring.
 
 Every record keeps the object it was read from (``raw``, key order included) and writers re-emit exactly
 that, so reading and writing a file is lossless (``write_viscot`` with the file's indent reproduces the
