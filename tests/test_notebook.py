@@ -12,6 +12,7 @@ from nbclient import NotebookClient
 from PIL import Image
 
 from visrl.logging.rundir import find_predictions, resolve_target, summary_markdown
+from visrl.logging.sweep import mark_complete
 
 NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "analysis.ipynb"
 P = "synthetic"
@@ -46,6 +47,7 @@ def _predictions(path: Path, image_dir: str, correct: bool) -> None:
 def make_run(run_dir: Path, image_root: Path, final_acc: float = 0.6) -> Path:
     (run_dir / ".hydra").mkdir(parents=True)
     (run_dir / "summary.json").write_text(json.dumps(_summary(final_acc)))
+    mark_complete(run_dir, ["summary.json"])  # what the pipeline writes last
     (run_dir / "metrics.jsonl").write_text('{"step": 0, "train/loss": 1.0}\n')
     _predictions(run_dir / "sft" / "eval" / P / "predictions.jsonl", "images/test", correct=False)
     _predictions(run_dir / "iter_2" / "eval" / P / "predictions.jsonl", "images/test", correct=True)
@@ -115,9 +117,9 @@ def test_notebook_runs_on_a_sweep(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     assert "2 jobs (2 complete, 0 failed, 0 incomplete)" in joined
     # the report table: jobs in order of beta, then columns job, override, status, cot_gt/cot_pred accuracy
     assert (
-        "| objective.beta=0.05 | 0.05 | complete | 0.9 | 0.5 |" in joined.split("| objective.beta=0.1 |")[0]
+        "| objective.beta=0.05 | 0.05 | complete | 0.900 | 0.500 |" in joined.split("| objective.beta=0.1 |")[0]
     )
-    assert "| objective.beta=0.1 | 0.1 | complete | 0.9 | 0.7 |" in joined
+    assert "| objective.beta=0.1 | 0.1 | complete | 0.900 | 0.700 |" in joined
     assert pngs == 2 * 2 + 4  # per job: iterations + gallery; report: one plot per final metric
     assert (sweep / "report" / "report.csv").is_file()
 

@@ -203,6 +203,7 @@ def test_debug_fast_iter1_on_a_real_checkpoint(real_checkpoints, run_visrl, tmp_
     result = run_visrl(
         tmp_path / "run",
         "model=qwen2vl",
+        "data=synthetic",  # the toy task on the real backbone (the recipe chooses Visual-CoT data)
         f"model.path={real_checkpoints['qwen2vl']}",
         "model.dtype=float32",
         "iter=1",

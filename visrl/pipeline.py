@@ -96,7 +96,7 @@ def _run(cfg: DictConfig, run: RunDir) -> dict[str, Any]:
 def build_backbone(cfg: DictConfig) -> Backbone:
     """The model of ``conf/model`` (a tiny random init or real pretrained weights)."""
     spec = OmegaConf.to_container(cfg.model, resolve=True)
-    for key in ("lora", "is_tiny", "freeze_vision", "save_merged"):  # pipeline settings of the backbone, not builder arguments
+    for key in ("lora", "is_tiny", "freeze_vision"):  # pipeline settings of the backbone, not builder arguments
         spec.pop(key, None)
     return instantiate(spec, _convert_="all")
 
@@ -148,7 +148,7 @@ def sft_warmup(cfg: DictConfig, run: RunDir, backbone: Backbone, splits, image_r
         model = apply_lora(backbone, **cfg.model.lora) if cfg.sft.lora else backbone
         rows = sft_rows(read_viscot(splits["sft"]), image_root, model, templates)
         train_rows(cfg.sft, model, rows, run / "sft", logger, cfg)
-        on_rank_zero(model.save, run / "sft" / "model", bool(cfg.model.save_merged))
+        on_rank_zero(model.save, run / "sft" / "model", bool(cfg.save_merged))
 
     run.step("sft", train)
     return load_backbone(run / "sft" / "model")
@@ -199,7 +199,7 @@ def iteration(cfg, run: RunDir, k: int, backbone: Backbone, m_org, prefs, templa
         if stage.enabled:
             run.step(f"iter_{k}/{name}", lambda name=name, stage=stage: fit_dpo_stage(
                 cfg, stage, backbone, prefs, run / f"iter_{k}" / name, k, logger, reference), trains=backbone.model)
-    on_rank_zero(backbone.save, run / f"iter_{k}" / "model", bool(cfg.model.save_merged))  # adapter under LoRA
+    on_rank_zero(backbone.save, run / f"iter_{k}" / "model", bool(cfg.save_merged))  # adapter under LoRA
     on_rank_zero(log_model_artifact, logger, run / f"iter_{k}" / "model", f"model_iter_{k}")
     evaluate(cfg, run, f"iter_{k}/eval", k, benchmark, backbone, templates, logger)
 

@@ -101,12 +101,12 @@ RULES: dict[str, Rule] = {
     "iter": _int(0),
     "seed": _int(),
     "threads": COUNT,
+    "save_merged": BOOL,
     "ckpt": Rule("str", nullable=True),
     "fail_after": Rule("str", nullable=True),
     # model (tiny and real)
     "model.freeze_vision": BOOL,
     "model.gradient_checkpointing": BOOL,
-    "model.save_merged": BOOL,
     "model.min_pixels": _int(1, nullable=True),
     "model.max_pixels": _int(1, nullable=True),
     "model.dtype": _one_of("float32", "bfloat16", "float16"),
