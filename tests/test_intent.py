@@ -237,3 +237,9 @@ def test_worlds_with_one_nameable_object_get_no_intent_keys(tmp_path: Path) -> N
     assert metrics["cot_pred/det_acc"] == 1.0
     effect = bench.paired_effect(tmp_path / "eval", tmp_path / "eval")
     assert not any(k.startswith("intent/") for k in effect)
+
+
+def test_the_split_label_must_match_the_split_file(tmp_path: Path) -> None:
+    assert SyntheticBenchmark(tmp_path / "val.json", split="val").split == "val"
+    with pytest.raises(ValueError, match=r"benchmark\.split='val' but benchmark\.split_path is test\.json"):
+        SyntheticBenchmark(tmp_path / "test.json", split="val")

@@ -12,8 +12,9 @@ be read is a skipped row, counted as ``skipped/<reason>``) and ``metrics.json`` 
 
 When the split's scenes name more than one object per scene (``visrl.benchmarks.intent``) and ``cot_pred``
 is evaluated, a ``swap`` pass re-asks each box prompt about another object of the same image and adds the
-``intent/*`` metrics (``named_hit``, ``swap_follow``, ``swap_stay``, ``n``). ``split`` only labels which
-split ``split_path`` is (``val`` for tuning, ``test`` for reported numbers).
+``intent/*`` metrics (``named_hit``, ``swap_follow``, ``swap_stay``, ``n``). ``split`` names which split
+``split_path`` is (``val`` for tuning, ``test`` for reported numbers; default: the file's stem) and must
+match the file's stem when given.
 """
 
 from __future__ import annotations
@@ -59,12 +60,14 @@ class SyntheticBenchmark:
     version = "synthetic-1.0"
 
     def __init__(self, split_path: str | Path, image_root: str | Path | None = None, limit: int | None = None,
-                 modes: Sequence[str] = MODES, max_new_tokens: int = 24, split: str = "test"):  # fmt: skip
+                 modes: Sequence[str] = MODES, max_new_tokens: int = 24, split: str | None = None):  # fmt: skip
         bad = [m for m in modes if m not in MODES]
         if bad or not modes:
             raise ValueError(f"benchmark.modes: unknown {bad}; valid: {list(MODES)}")
-        self.split = split
         self.split_path = Path(split_path)
+        if split is not None and self.split_path.stem != split:  # a val label on test.json would mislead
+            raise ValueError(f"benchmark.split={split!r} but benchmark.split_path is {self.split_path.name}")
+        self.split = split or self.split_path.stem
         self.image_root = Path(image_root) if image_root else self.split_path.parent
         self.limit, self.modes, self.max_new_tokens = limit, list(modes), max_new_tokens
 
