@@ -75,11 +75,10 @@ def test_invalid_intent_worlds_raise_naming_the_field(kwargs: dict, field: str) 
 
 
 def test_one_object_worlds_derived_by_base_preparation_stay_valid() -> None:
-    from visrl.training.base_prep import BaseSkills, point_world
-
     world = IntentWorld(reference="shape")
-    assert point_world(world, BaseSkills()).n_objects == 1
-    assert dataclasses.replace(world, n_objects=1).n_objects == 1
+    lone = dict(colours=("red",), shapes=("square",), target_colours=(), distinct_shapes=False)
+    assert dataclasses.replace(world, n_objects=1, distinct_patterns=False, **lone).n_objects == 1  # pointing
+    assert dataclasses.replace(world, n_objects=1).n_objects == 1  # single-object scenes
 
 
 def test_scene_files_list_the_question_naming_each_object(tmp_path: Path) -> None:
