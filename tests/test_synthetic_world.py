@@ -186,13 +186,13 @@ def test_splits_are_viscot_records_whose_boxes_are_the_target_objects(tmp_path: 
     world = WorldConfig()
     ds = SyntheticDataset(tmp_path, world=world, sizes=SIZES, seed=0)
     paths = ds.ensure()
-    assert set(paths) == {"sft", "rl", "test"}
+    assert set(paths) == {"sft", "rl", "test", "val"}
     meta = json.loads((ds.root / "world.json").read_text())
     assert meta["world"]["scene_size"] == world.scene_size and meta["seed"] == 0
     for split, path in paths.items():
         records = read_viscot(path)
         scenes = json.loads((ds.root / f"{split}_scenes.json").read_text())
-        assert len(records) == len(scenes) == getattr(SIZES, split)
+        assert len(records) == len(scenes) == SIZES.count(split)
         for i, (rec, scene) in enumerate(zip(records, scenes)):
             target = scene["objects"][scene["target"]]
             where = f"{split} record {i}"

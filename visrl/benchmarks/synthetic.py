@@ -9,6 +9,12 @@ Metrics per mode: answer accuracy (normalised exact match, the same function the
 box parse rate, mean IoU and detection accuracy at IoU > 0.5 (strict, as Visual-CoT), plus a bootstrap 95%
 interval of the accuracy. Writes ``predictions.jsonl`` (appended mode by mode; a record whose image cannot
 be read is a skipped row, counted as ``skipped/<reason>``) and ``metrics.json`` under ``out_dir``.
+
+When the split's scenes name more than one object per scene (``visrl.benchmarks.intent``) and ``cot_pred``
+is evaluated, a ``swap`` pass re-asks each box prompt about another object of the same image and adds the
+``intent/*`` metrics (``named_hit``, ``swap_follow``, ``swap_stay``, ``n``). ``split`` names which split
+``split_path`` is (``val`` for tuning, ``test`` for reported numbers; default: the file's stem) and must
+match the file's stem when given.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from PIL import Image
 
 from visrl.benchmarks.base import Predictions, read_predictions, skip_row, skipped_counts
 from visrl.benchmarks.effects import bootstrap_ci, paired_bootstrap
+from visrl.benchmarks.intent import Referents, intent_metrics, load_referents, swap_row
 from visrl.benchmarks.metrics import exact_match
 from visrl.data.boxes import Box, iou
 from visrl.data.errors import InputError
@@ -53,11 +60,14 @@ class SyntheticBenchmark:
     version = "synthetic-1.0"
 
     def __init__(self, split_path: str | Path, image_root: str | Path | None = None, limit: int | None = None,
-                 modes: Sequence[str] = MODES, max_new_tokens: int = 24):  # fmt: skip
+                 modes: Sequence[str] = MODES, max_new_tokens: int = 24, split: str | None = None):  # fmt: skip
         bad = [m for m in modes if m not in MODES]
         if bad or not modes:
             raise ValueError(f"benchmark.modes: unknown {bad}; valid: {list(MODES)}")
         self.split_path = Path(split_path)
+        if split is not None and self.split_path.stem != split:  # a val label on test.json would mislead
+            raise ValueError(f"benchmark.split={split!r} but benchmark.split_path is {self.split_path.name}")
+        self.split = split or self.split_path.stem
         self.image_root = Path(image_root) if image_root else self.split_path.parent
         self.limit, self.modes, self.max_new_tokens = limit, list(modes), max_new_tokens
 
@@ -104,6 +114,7 @@ class SyntheticBenchmark:
                 preds.add(self._mode_rows(mode, policy, templates, recs, images, fulls, gts))
             by_uid = {r["uid"]: r for r in preds.rows if r["mode"] == mode}
             metrics.update(summarize([by_uid[r.uid] for r in recs], mode))
+        metrics.update(self._intent(policy, templates, preds, recs, images, fulls))
         if skipped:
             metrics.update(skipped_counts(preds.rows))
         write_json_atomic(Path(out_dir) / "metrics.json", metrics)
@@ -126,15 +137,45 @@ class SyntheticBenchmark:
 
     def paired_effect(self, before: Path, after: Path, n: int = 2000, seed: int = 0) -> dict[str, dict]:
         """Paired bootstrap of (after - before): answer accuracy and, for a mode with a box, detection
-        accuracy (IoU > 0.5), keyed ``<mode>/accuracy`` and ``<mode>/det_acc``."""
+        accuracy (IoU > 0.5), keyed ``<mode>/accuracy`` and ``<mode>/det_acc``; plus ``intent/named_hit``
+        and ``intent/swap_follow`` when both evaluations have swap rows."""
         mode = self._effect_mode
-        keys = (("accuracy", "correct"),) + ((("det_acc", "iou"),) if mode != "direct" else ())
-        return {
-            f"{mode}/{metric}": paired_bootstrap(
-                _values(before, mode, key), _values(after, mode, key), n, seed
-            )
-            for metric, key in keys
-        }
+        keys = [(mode, "accuracy", "correct")] + ([(mode, "det_acc", "iou")] if mode != "direct" else [])
+        keys += [("swap", k, k) for k in ("named_hit", "swap_follow")]
+        out = {}
+        for row_mode, metric, key in keys:
+            a, b = _values(before, row_mode, key), _values(after, row_mode, key)
+            if row_mode != "swap" or (a and b):
+                out[f"{'intent' if row_mode == 'swap' else mode}/{metric}"] = paired_bootstrap(a, b, n, seed)
+        return out
+
+    def _intent(self, policy, templates, preds: Predictions, recs, images, fulls) -> dict[str, float]:
+        """The ``swap`` pass and the ``intent/*`` metrics; {} when no scene has two nameable objects."""
+        refs = load_referents(self.split_path) if "cot_pred" in self.modes else {}
+        todo = [(r, im, f) for r, im, f in zip(recs, images, fulls) if r.question_id in refs]
+        if not todo:
+            return {}
+        if any((r.uid, "swap") not in preds.done for r, _, _ in todo):
+            preds.add(self._swap_rows(policy, templates, preds, todo, refs))
+        by_uid = {r["uid"]: r for r in preds.rows if r["mode"] == "swap"}
+        return intent_metrics([by_uid[r.uid] for r, _, _ in todo])
+
+    def _swap_rows(self, policy, templates, preds: Predictions, todo, refs: dict[int | str, Referents]):
+        """Per question: the box prompt re-asked about another nameable object, its box and where it lands."""
+        fmt = policy.backbone.box_format
+        named = {r["uid"]: r["box"] for r in preds.rows if r["mode"] == "cot_pred"}
+        questions = [refs[r.question_id].questions[refs[r.question_id].swap(r.uid)] for r, _, _ in todo]
+        prompts = [templates.box_prompt(q, f) for q, (_, _, f) in zip(questions, todo)]
+        texts = [o[0] for o in policy.generate(prompts, max_new_tokens=self.max_new_tokens)]
+        rows = []
+        for (rec, image, _), question, text in zip(todo, questions, texts):
+            parsed = fmt.parse(text, image.size)
+            box = named.get(rec.uid)
+            rows.append(swap_row(
+                rec.uid, refs[rec.question_id], Box(*box) if box is not None else None, question, text,
+                parsed.box if parsed.ok else None, None if parsed.ok else parsed.failure.value,
+            ))  # fmt: skip
+        return rows
 
     def _boxes(self, mode, policy, templates, recs, images, fulls, gts):
         """Boxes to crop per record, their text and parse failures (None when the box is fine)."""
@@ -173,6 +214,6 @@ class SyntheticBenchmark:
 
 
 def _values(eval_dir: Path, mode: str, key: str) -> dict[str, float]:
-    """uid -> the 0/1 value of ``key`` (``iou`` as IoU > 0.5) for the rows of ``mode``."""
+    """uid -> the 0/1 value of ``key`` (``iou`` as IoU > 0.5) for the rows of ``mode`` (booleans as 0/1)."""
     rows = [r for r in read_predictions(eval_dir) if r["mode"] == mode]
     return {r["uid"]: float(r[key] > 0.5) if key == "iou" else float(r[key]) for r in rows}

@@ -11,10 +11,18 @@ object by colour ("What pattern is on the red object?"), so answering needs the 
 distractors of the other colours): a tiny model learns to find a constant key but, in the CPU budget, not to
 match a varying one (docs/toy-scale-status.md).
 
+:class:`IntentWorld` is the task where *the question picks the object* (VisRL's intention-driven claim):
+``target_colours`` is empty, so every object of a scene may be named and each question names one of them,
+by colour (``reference: colour``) or, harder, by shape (``reference: shape``). A scene whose objects a
+question can tell apart writes, per object, the question that names it (``questions`` in
+``<split>_scenes.json``): the benchmark's swap check re-asks the same image about another object.
+
 Splits are written in the Visual-CoT record format (``visrl.data.records``): PNG images on disk plus one JSON
 list per split, so the same loaders serve real and synthetic data. ``sft`` is the small box-annotated set,
-``rl`` the large pool whose boxes are never read by training code, ``test`` held out with boxes for the
-detection metrics. Everything is deterministic from the seed.
+``rl`` the large pool whose boxes are never read by training code, ``val`` for every design and tuning
+choice, ``test`` held out with boxes for the reported numbers (never used to choose anything). Split ``i``
+of (sft, rl, test, val) is drawn with seed ``1000 * seed + i``, so adding ``val`` left the others unchanged.
+Everything is deterministic from the seed.
 """
 
 from __future__ import annotations
@@ -84,6 +92,51 @@ class WorldConfig:
             raise ValueError("data.world.target_colours leaves fewer distractor colours than n_objects - 1")
         if int(cell * self.patch_frac) < 8:
             raise ValueError(f"data.world.patch_frac={self.patch_frac} gives a texture under 8 px")
+
+    def ask(self, obj: SceneObject) -> str:
+        """The question that names ``obj`` (by colour)."""
+        return self.question.format(colour=obj.colour)
+
+    def nameable(self, scene: Scene) -> tuple[SceneObject, ...]:
+        """The objects a question may name: those of a target colour (all when ``target_colours`` is empty)."""
+        return tuple(o for o in scene.objects if o.colour in self.target_colours) or scene.objects
+
+
+REFERENCES = ("colour", "shape")
+
+
+@dataclass(frozen=True)
+class IntentWorld(WorldConfig):
+    """The world where the question picks the object: any object may be named, by ``reference``.
+
+    ``reference: colour`` asks "What pattern is on the green object?" (colours are distinct in a scene);
+    ``reference: shape`` asks ``shape_question`` ("What pattern is on the circle?"), which needs
+    ``distinct_shapes``. The one-object worlds that base preparation derives from it stay valid.
+    """
+
+    reference: str = "colour"
+    shape_question: str = "What pattern is on the {shape}?"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.reference not in REFERENCES:
+            raise ValueError(f"data.world.reference={self.reference!r}; valid: {list(REFERENCES)}")
+        if self.n_objects > 1 and self.target_colours:
+            raise ValueError(
+                "data.world.target_colours must be empty in an IntentWorld (any object is named)"
+            )
+        if self.n_objects > 1 and self.reference == "shape" and not self.distinct_shapes:
+            raise ValueError("data.world.distinct_shapes must be true when data.world.reference=shape")
+
+    def ask(self, obj: SceneObject) -> str:
+        if self.reference == "shape":
+            return self.shape_question.format(shape=obj.shape, colour=obj.colour)
+        return super().ask(obj)
+
+    def nameable(self, scene: Scene) -> tuple[SceneObject, ...]:
+        """Every object whose ``reference`` attribute no other object of the scene shares."""
+        values = [getattr(o, self.reference) for o in scene.objects]
+        return tuple(o for o, v in zip(scene.objects, values) if values.count(v) == 1) or scene.objects
 
 
 @dataclass(frozen=True)
@@ -198,9 +251,18 @@ class Question:
 
 
 def make_question(scene: Scene, rng: random.Random, cfg: WorldConfig) -> Question:
-    candidates = [o for o in scene.objects if o.colour in cfg.target_colours] or scene.objects
-    target = rng.choice(candidates)
-    return Question(scene, target, cfg.question.format(colour=target.colour), target.pattern)
+    target = rng.choice(cfg.nameable(scene))
+    return Question(scene, target, cfg.ask(target), target.pattern)
+
+
+def scene_row(question_id: int, q: Question, cfg: WorldConfig) -> dict:
+    """The ``<split>_scenes.json`` row of a question; with ``questions`` (per object, the question naming it,
+    None for one no question names) when the scene holds more than one nameable object."""
+    row = {"question_id": question_id, **q.scene.to_json(), "target": q.scene.objects.index(q.target)}
+    named = cfg.nameable(q.scene)
+    if len(named) > 1:
+        row["questions"] = [cfg.ask(o) if o in named else None for o in q.scene.objects]
+    return row
 
 
 @dataclass(frozen=True)
@@ -208,6 +270,14 @@ class SplitSizes:
     sft: int = 256
     rl: int = 2048
     test: int = 384
+    val: int | None = None  # None: as many as ``test``
+
+    def count(self, split: str) -> int:
+        n = getattr(self, split)
+        return self.test if n is None else n
+
+
+SPLITS = ("sft", "rl", "test", "val")  # the index is the split's seed offset: never reorder
 
 
 @dataclass
@@ -223,7 +293,10 @@ class SyntheticDataset:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        self.meta = {"world": asdict(self.world), "sizes": asdict(self.sizes), "seed": self.seed, "version": 1}
+        sizes = asdict(self.sizes)
+        if sizes["val"] is None:  # val = test size: the key (and the cached dir) stays what it was before val
+            del sizes["val"]
+        self.meta = {"world": asdict(self.world), "sizes": sizes, "seed": self.seed, "version": 1}
         key = hashlib.sha256(json.dumps(self.meta, sort_keys=True).encode()).hexdigest()[:12]
         self.root = Path(self.root) / key
 
@@ -237,13 +310,13 @@ class SyntheticDataset:
     def ensure(self) -> dict[str, Path]:
         """Write every split that is missing; return split name -> JSON path."""
         self.root.mkdir(parents=True, exist_ok=True)
-        for split_idx, split in enumerate(("sft", "rl", "test")):
+        for split_idx, split in enumerate(SPLITS):
             if not self.split_path(split).exists():
-                self._write_split(split, getattr(self.sizes, split), self.seed * 1000 + split_idx)
+                self._write_split(split, self.sizes.count(split), self.seed * 1000 + split_idx)
         meta, world = json.dumps(self.meta, indent=2), self.root / "world.json"
         if not world.exists() or world.read_text() != meta:  # a second process (DDP rank) only reads
             world.write_text(meta)
-        return {s: self.split_path(s) for s in ("sft", "rl", "test")}
+        return {s: self.split_path(s) for s in SPLITS}
 
     def _write_split(self, split: str, n: int, seed: int) -> None:
         from visrl.data.records import make_viscot_record, write_viscot
@@ -258,11 +331,17 @@ class SyntheticDataset:
             render_scene(q.scene, self.world, seed=rng.randrange(2**31)).save(self.root / rel)
             records.append(
                 make_viscot_record(
-                    dataset="synthetic", split=split, question_id=i, image_path=rel,
-                    box_px=q.target.box_px, size=size, question=q.question, answer=q.answer,
+                    dataset="synthetic",
+                    split=split,
+                    question_id=i,
+                    image_path=rel,
+                    box_px=q.target.box_px,
+                    size=size,
+                    question=q.question,
+                    answer=q.answer,
                 )
             )
-            scenes.append({"question_id": i, **q.scene.to_json(), "target": q.scene.objects.index(q.target)})
+            scenes.append(scene_row(i, q, self.world))
         (self.root / f"{split}_scenes.json").write_text(json.dumps(scenes))
         tmp = self.split_path(split).with_suffix(".tmp")
         write_viscot(records, tmp)
