@@ -165,6 +165,20 @@ def test_step_dpo_loss_adds_the_weighted_ftx_term() -> None:
         step_dpo_loss({"box": box}, {"box": 0.5}, sft, ftx=-1.0)
 
 
+def test_step_dpo_loss_weighs_the_preference_term() -> None:
+    """``w * (pref * mean L + ftx * mean sft)``: pref 0 is the ftx-only control, pref 1 the default."""
+    box = PreferenceLossOutput(_t(1.0, 3.0), _t(0, 0), _t(0, 0))  # mean 2
+    sft = {"box": _t(0.5, 1.5)}  # mean 1
+    assert step_dpo_loss({"box": box}, {"box": 0.5}, sft, ftx=2.0, pref=0.0).item() == pytest.approx(0.5 * 2)
+    assert step_dpo_loss({"box": box}, {"box": 0.5}, sft, ftx=2.0, pref=0.25).item() == pytest.approx(0.5 * 2.5)
+    assert step_dpo_loss({"box": box}, {"box": 1.0}, sft, ftx=1.0, pref=1.0).item() == pytest.approx(3.0)
+    for bad in (-1.0, float("inf")):
+        with pytest.raises(ValueError, match="pref must be finite"):
+            step_dpo_loss({"box": box}, {"box": 0.5}, sft, ftx=1.0, pref=bad)
+    with pytest.raises(ValueError, match="pref \+ ftx > 0"):  # nothing left to train
+        step_dpo_loss({"box": box}, {"box": 0.5}, sft, ftx=0.0, pref=0.0)
+
+
 def test_step_dpo_loss_gradient_flows_to_both_steps() -> None:
     pc_box, pc_ans = _t(-3.0).requires_grad_(), _t(-5.0).requires_grad_()
     box = preference_loss("sigmoid", pc_box, _t(-3.0), _t(-3.0), _t(-3.0))

@@ -250,7 +250,7 @@ def fit_dpo_stage(cfg, stage, backbone: Backbone, prefs, out: Path, k: int, logg
         backbone.model, optimizer=instantiate(cfg.dpo.optimizer, lr=float(stage.lr)),
         scheduler=instantiate(cfg.dpo.scheduler), weights=weights, loss=cfg.objective.loss,
         beta=float(cfg.objective.beta), label_smoothing=float(cfg.objective.label_smoothing),
-        ftx=float(cfg.dpo.ftx), reference=reference,
+        ftx=float(cfg.dpo.ftx), reference=reference, pref=float(cfg.dpo.pref),
     )
     adapter = RunLoggerAdapter(logger, name=out.name, phase=f"dpo/{out.name}", context={"iter": k})
     fit(module, stage_data, out, int(stage.epochs), trainer_kwargs(cfg), adapter, label=f"iter {k} | {out.name}")
@@ -281,8 +281,8 @@ def check_config(cfg: DictConfig) -> None:
 
 
 def build_benchmark(cfg: DictConfig, splits: dict[str, Path]):
-    if cfg.benchmark.get("split_path", "unset") is None:  # the synthetic benchmark reads the data's test split
-        return instantiate(cfg.benchmark, split_path=str(splits["test"]))
+    if cfg.benchmark.get("split_path", "unset") is None:  # the synthetic benchmark reads a split of the data
+        return instantiate(cfg.benchmark, split_path=str(splits[cfg.benchmark.split]))
     return instantiate(cfg.benchmark)
 
 

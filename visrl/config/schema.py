@@ -168,6 +168,8 @@ RULES: dict[str, Rule] = {
     "dpo.reference": _one_of("initial", "previous"),
     "dpo.precompute_ref": BOOL,
     "dpo.ftx": _num(0.0),
+    "dpo.pref": _num(0.0),
+    "benchmark.split": _one_of("val", "test"),
     "dpo.batch_size": COUNT,
     "dpo.max_length": COUNT,
     "dpo.stages.*.enabled": BOOL,

@@ -59,8 +59,12 @@ def step_dpo_loss(
     weights: Mapping[str, float],
     sft_terms: Mapping[str, Tensor] | None = None,
     ftx: float = 0.0,
+    pref: float = 1.0,
 ) -> Tensor:
-    """``sum_s weights[s] * (mean_B(step_outputs[s].losses) + ftx * mean_B(sft_terms[s]))``: a scalar.
+    """``sum_s weights[s] * (pref * mean_B(step_outputs[s].losses) + ftx * mean_B(sft_terms[s]))``: a scalar.
+
+    ``pref`` weighs the preference term (1 in the reference; 0 leaves the SFT term alone, the control that
+    separates what DPO adds from fine-tuning on the chosen samples).
 
     Every weighted step must be present in ``step_outputs`` (and in ``sft_terms`` when ``ftx > 0``; see
     :func:`sft_term`); extra steps (e.g. computed only for logging) are left out of the loss. Weights must
@@ -74,11 +78,13 @@ def step_dpo_loss(
         )
     if not (math.isfinite(ftx) and ftx >= 0):
         raise ValueError(f"visrl.losses.step_dpo_loss: ftx must be finite and >= 0, got {ftx}")
+    if not (math.isfinite(pref) and pref >= 0) or pref + ftx == 0:
+        raise ValueError(f"visrl.losses.step_dpo_loss: pref must be finite and >= 0 with pref + ftx > 0, got {pref}")
     if ftx and (sft_terms is None or set(weights) - set(sft_terms)):
         raise ValueError("visrl.losses.step_dpo_loss: ftx > 0 needs the SFT term of every weighted step")
     terms = []
     for step, w in weights.items():
-        objective = step_outputs[step].losses.mean()  # scalar
+        objective = pref * step_outputs[step].losses.mean()  # scalar
         if ftx:
             objective = objective + ftx * sft_terms[step].mean()  # type: ignore[index]
         terms.append(w * objective)

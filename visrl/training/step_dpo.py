@@ -101,6 +101,7 @@ class StepDPOModule(pl.LightningModule):
         label_smoothing: float = 0.0,
         ftx: float = 0.0,
         reference: ReferenceStrategy | None = None,
+        pref: float = 1.0,
         share_prompt: bool = True,
     ) -> None:
         super().__init__()
@@ -113,6 +114,7 @@ class StepDPOModule(pl.LightningModule):
         self.scheduler_factory = scheduler
         self.weights = check_step_weights(weights if weights is not None else {"box": 1.0}, "StepDPOModule")
         self.loss_name, self.beta, self.label_smoothing, self.ftx = loss, beta, label_smoothing, ftx
+        self.pref = pref  # weight of the preference term (0: the ftx-only control)
         self.reference = reference if reference is not None else PrecomputedReference()
         self.share_prompt = share_prompt
 
@@ -146,7 +148,7 @@ class StepDPOModule(pl.LightningModule):
         )
         sft = sft_term(chosen, n_tokens[:n]) if self.ftx else None  # [B]
         loss = step_dpo_loss(
-            {step: out}, {step: self.weights[step]}, None if sft is None else {step: sft}, self.ftx
+            {step: out}, {step: self.weights[step]}, None if sft is None else {step: sft}, self.ftx, self.pref
         )
         return StepOutput(
             loss,
