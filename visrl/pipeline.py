@@ -266,7 +266,7 @@ def evaluate(cfg: DictConfig, run: RunDir, name: str, k: int, benchmark, backbon
         policy = on_device(cfg, backbone)
         metrics = benchmark.evaluate(policy, templates, run / name)
         logger.log_iteration(k, {f"eval/{benchmark.name}/{key}": v for key, v in metrics.items()})
-        log_predictions(logger, run / name / "predictions.jsonl", k)
+        log_predictions(logger, run / name / "predictions.jsonl", k, getattr(benchmark, "root", None))
 
     run.step(name, lambda: on_rank_zero(evaluate_now))
 

@@ -158,6 +158,7 @@ def _prediction_row(
     box_iou = detection_iou(reading.sq, it.det)
     return {
         "uid": it.uid, "dataset": it.dataset, "row": it.row, "question_id": it.record.question_id,
+        "image": it.record.image_path,  # relative to the benchmark root
         "question": it.record.question, "answer": it.record.answer, "box_text": box_text,
         "box": list(reading.box.as_tuple()) if reading.box else None, "box_sq": list(reading.sq) if reading.sq else None,
         "gt_box": list(it.det.box.as_tuple()), "parse_failure": reading.failure, "iou": box_iou,

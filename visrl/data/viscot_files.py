@@ -7,11 +7,12 @@ SFT split needs boxes (``###`` suffix); the RL pool's boxes are never read by tr
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
 from visrl.data.errors import InputError
-from visrl.data.records import read_viscot
+from visrl.data.records import read_viscot, write_viscot
 
 
 @dataclass
@@ -23,6 +24,9 @@ class VisCoTFiles:
     rl: str | Path
     test: str | Path | None = None
     root: str | Path | None = None  # the Visual-CoT folder the config derives the paths above from (unused here)
+    # smoke runs (debug=fast): the first ``sizes[split]`` records of a split, copied under ``subset_dir``
+    sizes: dict[str, int] | None = None
+    subset_dir: str | Path | None = None
 
     def ensure(self) -> dict[str, Path]:
         """Check that every configured file exists and parses; return split name -> path."""
@@ -47,5 +51,18 @@ class VisCoTFiles:
                         f"{path}: records {missing[:5]} (of {len(missing)}) field 'image[1]': missing the "
                         "'###[x1, y1, x2, y2]' box the SFT split needs"
                     )
-            out[name] = path
+            out[name] = self._subset(name, path, records)
+        return out
+
+    def _subset(self, name: str, path: Path, records: list) -> Path:
+        """``path`` itself, or a copy of its first ``sizes[name]`` records (written once, atomically)."""
+        n = (self.sizes or {}).get(name)
+        if n is None or n >= len(records):
+            return path
+        if self.subset_dir is None:
+            raise InputError(f"data.sizes.{name}={n} needs data.subset_dir (where the smaller split is written)")
+        key = hashlib.sha256(f"{path.resolve()}|{path.stat().st_mtime_ns}|{n}".encode()).hexdigest()[:16]
+        out = Path(self.subset_dir) / key / f"{name}.json"
+        if not out.is_file():
+            write_viscot(records[:n], out)
         return out

@@ -47,14 +47,14 @@ def log_model_artifact(logger: Any, model_dir: Path, name: str) -> None:
     logger.log_artifact(model_dir, name, "model")
 
 
-def log_predictions(logger: Any, path: Path, k: int) -> None:
+def log_predictions(logger: Any, path: Path, k: int, image_root: Path | None = None) -> None:
     """Iteration ``k``'s predictions from the model's own box (``cot_pred``; every row of a benchmark that has
-    no modes) as a table with the boxes drawn."""
+    no modes) that name an image (``image``: absolute or under ``image_root``), as a table with boxes drawn."""
     if path.is_file():
         rows = read_jsonl(path, allow_torn_tail=True)[1]
-        logger.log_predictions(
-            f"eval/predictions/iter_{k}", [r for r in rows if r.get("mode", "cot_pred") == "cot_pred"]
-        )
+        rows = [r for r in rows if r.get("mode", "cot_pred") == "cot_pred" and r.get("image")]
+        if rows:
+            logger.log_predictions(f"eval/predictions/iter_{k}", rows, image_root=image_root)
 
 
 def report_run(run_dir: Path, logger: Any, summary: dict[str, Any] | None) -> dict[str, Any]:
