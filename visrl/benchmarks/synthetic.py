@@ -34,6 +34,7 @@ from visrl.data.images import crop_view, load_rgb, resolve, to_view
 from visrl.data.io import write_json_atomic
 from visrl.data.prompts import PromptTemplates
 from visrl.data.records import VisCoTRecord, read_viscot
+from visrl.progress import progress
 
 MODES = ("direct", "cot_gt", "cot_pred")
 FULL = Box(0.0, 0.0, 1.0, 1.0)
@@ -109,11 +110,13 @@ class SyntheticBenchmark:
         gts = [r.box(im.size) for r, im in zip(recs, images)]
         fulls = [to_view(im, bb.image_size) for im in images]
         metrics: dict[str, float] = {}
-        for mode in self.modes:
-            if any((r.uid, mode) not in preds.done for r in recs):
-                preds.add(self._mode_rows(mode, policy, templates, recs, images, fulls, gts))
-            by_uid = {r["uid"]: r for r in preds.rows if r["mode"] == mode}
-            metrics.update(summarize([by_uid[r.uid] for r in recs], mode))
+        with progress(f"eval | {self.name} {Path(out_dir).parent.name}", total=len(self.modes), unit="mode") as bar:
+            for mode in self.modes:
+                if any((r.uid, mode) not in preds.done for r in recs):
+                    preds.add(self._mode_rows(mode, policy, templates, recs, images, fulls, gts))
+                by_uid = {r["uid"]: r for r in preds.rows if r["mode"] == mode}
+                metrics.update(summarize([by_uid[r.uid] for r in recs], mode))
+                bar.advance(1)
         metrics.update(self._intent(policy, templates, preds, recs, images, fulls))
         if skipped:
             metrics.update(skipped_counts(preds.rows))
