@@ -175,7 +175,7 @@ def test_step_dpo_loss_weighs_the_preference_term() -> None:
     for bad in (-1.0, float("inf")):
         with pytest.raises(ValueError, match="pref must be finite"):
             step_dpo_loss({"box": box}, {"box": 0.5}, sft, ftx=1.0, pref=bad)
-    with pytest.raises(ValueError, match="pref \+ ftx > 0"):  # nothing left to train
+    with pytest.raises(ValueError, match=r"pref \+ ftx > 0"):  # nothing left to train
         step_dpo_loss({"box": box}, {"box": 0.5}, sft, ftx=0.0, pref=0.0)
 
 
