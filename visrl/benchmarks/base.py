@@ -27,6 +27,7 @@ from typing import Any, Protocol, runtime_checkable
 
 from visrl.data.io import append_lines, read_jsonl, rewrite_lines, write_json_atomic
 from visrl.data.prompts import PromptTemplates
+from visrl.models.protocols import Policy
 
 __all__ = [
     "Benchmark",
@@ -51,7 +52,7 @@ class Benchmark(Protocol):
     @property
     def headline(self) -> str: ...
 
-    def evaluate(self, policy: Any, templates: PromptTemplates, out_dir: Path) -> dict[str, float]:
+    def evaluate(self, policy: Policy, templates: PromptTemplates, out_dir: Path) -> dict[str, float]:
         """Run the protocol with ``policy``, write predictions and metrics, return the metrics."""
         ...
 

@@ -42,6 +42,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from visrl.data.prompts import Message
+from visrl.models.protocols import Policy
 
 __all__ = [
     "FAILED_REPLY",
@@ -257,7 +258,7 @@ class PolicyJudge:
 
     def __init__(
         self,
-        policy: Any | None = None,
+        policy: Policy | None = None,
         backbone_path: str | None = None,
         max_new_tokens: int = 32,
         batch_size: int = 16,
@@ -272,7 +273,7 @@ class PolicyJudge:
         self.name = f"local:{backbone_path}" if backbone_path else "local:self"
         self.max_new_tokens, self.batch_size, self.system_prompt = max_new_tokens, batch_size, system_prompt
 
-    def bind(self, policy: Any) -> PolicyJudge:
+    def bind(self, policy: Policy) -> PolicyJudge:
         if self.policy is None:
             self.policy = policy
         return self
@@ -292,7 +293,7 @@ class PolicyJudge:
 JUDGE_KINDS = ("none", "openai", "local")
 
 
-def build_judge(spec: Judge | Mapping[str, Any] | str | None, policy: Any | None = None) -> Judge | None:
+def build_judge(spec: Judge | Mapping[str, Any] | str | None, policy: Policy | None = None) -> Judge | None:
     """A judge from a config mapping with ``kind`` in :data:`JUDGE_KINDS`.
 
     The client's arguments sit either beside ``kind`` (``{"kind": "openai", "model": ...}``) or in a

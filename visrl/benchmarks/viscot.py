@@ -53,6 +53,7 @@ from visrl.data.images import to_view
 from visrl.data.io import write_text_atomic
 from visrl.data.prompts import Message, Prompt, PromptTemplates, fill, user
 from visrl.data.records import DetRecord
+from visrl.models.protocols import Policy
 from visrl.progress import progress
 
 __all__ = [
@@ -221,7 +222,7 @@ class VisCoTBenchmark:
         ]
 
     def _run_chunk(
-        self, policy: Any, templates: PromptTemplates, fmt: BoxFormat, chunk: list[ViscotItem]
+        self, policy: Policy, templates: PromptTemplates, fmt: BoxFormat, chunk: list[ViscotItem]
     ) -> list[dict]:
         """Both passes for a chunk of items; one prediction row per item (judge fields added later), or a
         skipped row for an item whose image cannot be read."""
@@ -260,7 +261,7 @@ class VisCoTBenchmark:
             r.update(judge=verdict.score, judge_parsed=verdict.parsed, judge_reply=verdict.reply,
                      judge_failed=verdict.failed)  # fmt: skip
 
-    def _run_dataset(self, ds: str, policy: Any, templates: PromptTemplates, fmt: BoxFormat,
+    def _run_dataset(self, ds: str, policy: Policy, templates: PromptTemplates, fmt: BoxFormat,
                      judge: Judge | None, preds: Predictions) -> list[str]:  # fmt: skip
         """Evaluate the items of ``ds`` not yet in ``preds``, appending rows chunk by chunk; return
         the uids of the dataset's rows (items and skipped)."""
@@ -284,7 +285,7 @@ class VisCoTBenchmark:
                  sum(is_skipped(by_uid[u]) for u in by_uid if u.startswith(f"{ds}:")))  # fmt: skip
         return [it.uid for it in items] + [r["uid"] for r in skipped]
 
-    def evaluate(self, policy: Any, templates: PromptTemplates, out_dir: Path) -> dict[str, float]:
+    def evaluate(self, policy: Policy, templates: PromptTemplates, out_dir: Path) -> dict[str, float]:
         """Run the protocol on every dataset; predictions.jsonl is appended chunk by chunk (a resumed
         evaluation does only the rest), then metrics.json and results.md are written."""
         fmt = self.box_format or getattr(getattr(policy, "backbone", None), "box_format", None)

@@ -35,7 +35,6 @@ from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from PIL import Image
 
@@ -51,6 +50,7 @@ from visrl.benchmarks.effects import paired_bootstrap
 from visrl.data.errors import InputError
 from visrl.data.images import open_rgb, to_view
 from visrl.data.prompts import Prompt, PromptTemplates, user
+from visrl.models.protocols import Policy
 from visrl.progress import progress
 
 __all__ = [
@@ -227,7 +227,7 @@ class VStarBenchmark:
         return [user(PUBLISHED_TEMPLATE, [image], question=text)]
 
     def _likelihood(
-        self, policy: Any, templates: PromptTemplates, chunk: list[tuple[VStarItem, Image.Image]]
+        self, policy: Policy, templates: PromptTemplates, chunk: list[tuple[VStarItem, Image.Image]]
     ) -> list[dict]:
         prompts: list[Prompt] = []
         completions: list[str] = []
@@ -246,7 +246,7 @@ class VStarBenchmark:
         return rows
 
     def _generation(
-        self, policy: Any, templates: PromptTemplates, chunk: list[tuple[VStarItem, Image.Image]]
+        self, policy: Policy, templates: PromptTemplates, chunk: list[tuple[VStarItem, Image.Image]]
     ) -> list[dict]:
         orders = [option_order(it.uid, len(it.options), self.seed, self.shuffle_options) for it, _ in chunk]
         texts = [
@@ -264,7 +264,7 @@ class VStarBenchmark:
             )
         return rows
 
-    def _chunk_rows(self, policy: Any, templates: PromptTemplates, items: list[VStarItem]) -> list[dict]:
+    def _chunk_rows(self, policy: Policy, templates: PromptTemplates, items: list[VStarItem]) -> list[dict]:
         """Rows of every protocol for ``items`` (skipped rows for unreadable images)."""
         size = getattr(getattr(policy, "backbone", None), "image_size", None)
         opened = [(it, _open(it, size)) for it in items]
@@ -284,7 +284,7 @@ class VStarBenchmark:
                              "correct": out["choice"] == 0})  # fmt: skip
         return rows
 
-    def evaluate(self, policy: Any, templates: PromptTemplates, out_dir: Path) -> dict[str, float]:
+    def evaluate(self, policy: Policy, templates: PromptTemplates, out_dir: Path) -> dict[str, float]:
         """Score every question with each protocol; predictions.jsonl is appended chunk by chunk (a
         resumed evaluation does only the rest), then metrics.json is written."""
         items, skipped = load_vstar_rows(self.root, self.categories, self.limit)

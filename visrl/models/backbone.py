@@ -43,6 +43,7 @@ from visrl.models.families import (
     resolve,
 )
 from visrl.models.processors import load_processor, save_processor
+from visrl.models.protocols import Encoder
 
 __all__ = [
     "LANGUAGE_MODEL_LORA_REGEX",
@@ -66,7 +67,7 @@ class Backbone:
 
     name: str
     model: PreTrainedModel
-    encoder: Any  # visrl.models.encoding.VLMEncoder
+    encoder: Encoder  # a visrl.models.encoding.VLMEncoder
     box_format: Any  # visrl.data.boxes.BoxFormat (None only in low-level tests)
     image_size: int | None  # side the pipeline resizes images and crops to; None keeps them as they are
     family: str = ""  # a key of visrl.models.families.FAMILIES
