@@ -22,7 +22,7 @@ import torch
 from visrl.data.hashing import rows_fingerprint
 from visrl.data.io import read_json, write_json_atomic
 from visrl.data.rows import Row, StepBucketSampler, pair_batch
-from visrl.dist import all_gather_objects, barrier, is_rank_zero, rank_world
+from visrl.dist import all_gather_objects, barrier, on_rank_zero, rank_world
 from visrl.models.fingerprint import model_fingerprint, policy_fingerprint, processor_fingerprint
 from visrl.models.protocols import Encoder, Policy
 from visrl.training import reference as ref
@@ -79,8 +79,8 @@ def _per_row_file(
     todo = [r for r in rows if f"{r.uid}|{r.step}" not in cached]
     for r, value in zip(todo, reference_values(todo, model, encoder, batch_size)):
         cached[f"{r.uid}|{r.step}"] = list(value)
-    if path is not None and todo and is_rank_zero():
-        write_json_atomic(path, {"reference": tag, "logps": cached})
+    if path is not None and todo:
+        on_rank_zero(write_json_atomic, path, {"reference": tag, "logps": cached})
     return [tuple(cached[f"{r.uid}|{r.step}"]) for r in rows]  # type: ignore[misc]
 
 
@@ -96,8 +96,7 @@ def _content_cache(
     if cache.path(key).is_file():
         return cache.get_or_compute(key, lambda: [])  # a hit: read (and key-checked), never computed
     values = reference_values(rows, model, encoder, batch_size)
-    if is_rank_zero():
-        cache.get_or_compute(key, lambda: values)  # writes atomically
+    on_rank_zero(cache.get_or_compute, key, lambda: values)  # writes atomically
     return values
 
 
