@@ -198,13 +198,18 @@ def test_gradient_checkpointing_is_a_config_value(real_checkpoints, tmp_path):
     assert load_backbone(tmp_path / "gc").model.is_gradient_checkpointing
 
 
-def test_debug_fast_iter1_on_a_real_checkpoint(real_checkpoints, run_visrl, tmp_path):
+@pytest.mark.parametrize(
+    ("family", "model"),
+    [("qwen2vl", "qwen2vl"), pytest.param("llava", "llava15", marks=pytest.mark.slow),
+     pytest.param("qwen25vl", "qwen25vl", marks=pytest.mark.slow)],
+)  # fmt: skip
+def test_debug_fast_iter1_on_a_real_checkpoint(family, model, real_checkpoints, run_visrl, tmp_path):
     """Bug 5: ``debug=fast`` with a real backbone runs the toy task end to end (its tiny sizes do not apply)."""
     result = run_visrl(
         tmp_path / "run",
-        "model=qwen2vl",
+        f"model={model}",
         "data=synthetic",  # the toy task on the real backbone (the recipe chooses Visual-CoT data)
-        f"model.path={real_checkpoints['qwen2vl']}",
+        f"model.path={real_checkpoints[family]}",
         "model.dtype=float32",
         "iter=1",
         "logger=none",
@@ -213,7 +218,7 @@ def test_debug_fast_iter1_on_a_real_checkpoint(real_checkpoints, run_visrl, tmp_
     run = tmp_path / "run"
     assert (run / "summary.json").is_file()
     assert (run / "iter_1" / "model" / "adapter" / "adapter_config.json").is_file()
-    assert load_backbone(run / "iter_1" / "model").family == "qwen2vl"
+    assert load_backbone(run / "iter_1" / "model").family == family
 
 
 def test_mini_viscot_tree_reads_like_the_published_files(viscot_tree):
