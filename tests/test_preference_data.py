@@ -70,6 +70,23 @@ def test_the_result_is_what_the_files_hold(world):
         Pair.from_record(raw)
 
 
+def test_max_pairs_keeps_the_first_kept_questions(world, tmp_path):
+    """The pairs budget: the first ``max_pairs`` kept questions in question order, the rest ``over_budget``;
+    the statistics count them, and a budget above the kept count changes nothing."""
+    n = len(world.pairs)
+    capped = build_pairs(world.candidates, FilterConfig(max_pairs=n - 2), TEMPLATES, tmp_path / "cap",
+                         world.root, records=world.records)  # fmt: skip
+    assert [p.record().raw for p in capped.pairs] == [p.record().raw for p in world.pairs[: n - 2]]
+    reasons = capped.stats.drop_reasons
+    assert reasons["kept"] == n - 2 and reasons["over_budget"] == 2
+    assert world.stats.drop_reasons["over_budget"] == 0
+    roomy = build_pairs(world.candidates, FilterConfig(max_pairs=n), TEMPLATES, tmp_path / "roomy",
+                        world.root, records=world.records)  # fmt: skip
+    assert roomy.pairs == world.pairs
+    with pytest.raises(ValueError, match="max_pairs"):
+        FilterConfig(max_pairs=0)
+
+
 @pytest.fixture(scope="module")
 def backbone():
     return tiny()

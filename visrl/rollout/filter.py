@@ -15,6 +15,11 @@ from 0.32 to 0.04 in one iteration and the boxes stopped parsing by the second).
 requires ``max - min >= min_margin``. Every drop has a reason string so the share of each reason can be
 logged per iteration.
 
+``max_pairs`` (not in the reference) caps the pairs of one iteration: the first ``max_pairs`` kept questions
+in question order stay, later ones are dropped as ``over_budget``. Questions are drawn independently, so the
+first ones are an unbiased subset; the cap lets controls whose filter keeps different numbers of pairs (random
+scores, other thresholds) train on the same pairs budget.
+
 Departure: a non-finite score (nan, inf) is treated like a missing one; the reference would crash or
 compare nan as never-equal.
 """
@@ -33,6 +38,7 @@ __all__ = [
     "FilterDecision",
     "ScoredCandidate",
     "count_reasons",
+    "over_budget",
     "select_pair",
 ]
 
@@ -46,6 +52,7 @@ REASONS = (
     "margin_below_min",  # max - min < min_margin
     "no_chosen_crop",  # no max-answer candidate has crop score >= crop_hi
     "no_rejected_crop",  # no min-answer candidate has crop score <= crop_lo
+    "over_budget",  # kept by the filter, but max_pairs earlier questions were kept already
 )
 
 
@@ -71,13 +78,15 @@ class ScoredCandidate:
 
 @dataclass(frozen=True)
 class FilterConfig:
-    """Thresholds of the filter; the defaults are the reference's (answer and crop: 0.8 / 0.2, no margin)."""
+    """Thresholds of the filter; the defaults are the reference's (answer and crop: 0.8 / 0.2, no margin,
+    no cap on the pairs per iteration)."""
 
     answer_hi: float = 0.8
     answer_lo: float = 0.2
     crop_hi: float = 0.8
     crop_lo: float = 0.2
     min_margin: float = 0.0
+    max_pairs: int | None = None
 
     def __post_init__(self) -> None:
         # each threshold applies to a different candidate (chosen vs rejected), so lo > hi is legitimate:
@@ -88,6 +97,8 @@ class FilterConfig:
                 raise ValueError(f"FilterConfig: {name} must be in [0, 1], got {value}")
         if not 0.0 <= self.min_margin <= 1.0:
             raise ValueError(f"FilterConfig: min_margin must be in [0, 1], got {self.min_margin}")
+        if self.max_pairs is not None and self.max_pairs < 1:
+            raise ValueError(f"FilterConfig: max_pairs must be >= 1 or null, got {self.max_pairs}")
 
 
 @dataclass(frozen=True)
@@ -135,6 +146,11 @@ def select_pair(candidates: Sequence[Scored], config: FilterConfig | None = None
     if rejected is None:
         return _drop("no_rejected_crop")
     return FilterDecision(kept=True, chosen=chosen, rejected=rejected, reason=KEPT)
+
+
+def over_budget() -> FilterDecision:
+    """The decision of a question the filter kept after ``max_pairs`` others were kept already."""
+    return _drop("over_budget")
 
 
 def count_reasons(decisions: Iterable[FilterDecision]) -> dict[str, int]:

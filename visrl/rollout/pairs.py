@@ -21,7 +21,7 @@ from visrl.data.images import load_rgb, resolve
 from visrl.data.prompts import PromptTemplates
 from visrl.data.records import PreferenceRecord, make_preference_record, read_pairs, write_pairs
 from visrl.rollout.candidates import Candidate
-from visrl.rollout.filter import FilterConfig, FilterDecision, ScoredCandidate, select_pair
+from visrl.rollout.filter import FilterConfig, FilterDecision, ScoredCandidate, over_budget, select_pair
 
 __all__ = ["CROPS", "PAIRS", "Pair", "group_by_question", "load_pairs", "save_pairs", "select_pairs"]
 
@@ -164,8 +164,9 @@ def select_pairs(
     """One pair per question by the reference filter, crops saved under ``out_dir/crops``.
 
     Candidates without both scores (unparsable boxes, unreadable judge replies) are ignored by the filter,
-    as the reference drops ``None`` scores. Deterministic: the same candidates give the same pairs. Returns
-    the pairs and every question's filter decision (for the statistics).
+    as the reference drops ``None`` scores. ``filter_cfg.max_pairs`` keeps the first kept questions only
+    (the rest: ``over_budget``). Deterministic: the same candidates give the same pairs. Returns the pairs
+    and every question's filter decision (for the statistics).
     """
     crops_dir = Path(out_dir) / CROPS
     crops_dir.mkdir(parents=True, exist_ok=True)
@@ -175,6 +176,8 @@ def select_pairs(
         decision = select_pair(
             [ScoredCandidate(c.cand, c.answer_score, c.crop_score) for c in group], filter_cfg
         )
+        if decision.kept and filter_cfg.max_pairs is not None and len(pairs) >= filter_cfg.max_pairs:
+            decision = over_budget()
         decisions.append(decision)
         if decision.kept:
             by_cand: Mapping[int, Candidate] = {c.cand: c for c in group}
