@@ -87,6 +87,17 @@ def test_max_pairs_keeps_the_first_kept_questions(world, tmp_path):
         FilterConfig(max_pairs=0)
 
 
+def test_shuffled_scores_keep_as_many_pairs_from_other_candidates(world, tmp_path):
+    """The matched random-score control on real rollouts: the same questions kept, the chosen candidates
+    drawn without regard to their scores (so they differ from the filter's choice)."""
+    shuffled = build_pairs(world.candidates, FilterConfig(shuffle_scores=True, shuffle_seed=3), TEMPLATES,
+                           tmp_path, world.root, records=world.records)  # fmt: skip
+    assert [p.question_index for p in shuffled.pairs] == [p.question_index for p in world.pairs]
+    assert shuffled.stats.drop_reasons == world.stats.drop_reasons
+    picks = [(p.chosen_index, p.rejected_index) for p in shuffled.pairs]
+    assert picks != [(p.chosen_index, p.rejected_index) for p in world.pairs]
+
+
 @pytest.fixture(scope="module")
 def backbone():
     return tiny()

@@ -161,6 +161,8 @@ RULES: dict[str, Rule] = {
     "filter.crop_lo": FRACTION,
     "filter.min_margin": FRACTION,
     "filter.max_pairs": _int(1, nullable=True),
+    "filter.shuffle_scores": BOOL,
+    "filter.shuffle_seed": _int(),
     # objective ("loss" choices: visrl.losses.PREFERENCE_LOSSES, added by _rules())
     "objective.beta": _num(0.0, open_lo=True),
     "objective.label_smoothing": _num(0.0, 0.5),

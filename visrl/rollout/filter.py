@@ -20,6 +20,12 @@ in question order stay, later ones are dropped as ``over_budget``. Questions are
 first ones are an unbiased subset; the cap lets controls whose filter keeps different numbers of pairs (random
 scores, other thresholds) train on the same pairs budget.
 
+``shuffle_scores`` (a control, not in the reference) permutes the (answer, crop) score pairs among the
+candidates of each question before the filter looks at them, seeded by ``shuffle_seed`` and the question.
+Whether a question is kept depends only on the multiset of its score pairs, so the same questions are kept
+(the same number of pairs, at the default thresholds), but which candidate is chosen or rejected carries no
+information: random scores with a matched pair count.
+
 Departure: a non-finite score (nan, inf) is treated like a missing one; the reference would crash or
 compare nan as never-equal.
 """
@@ -27,6 +33,7 @@ compare nan as never-equal.
 from __future__ import annotations
 
 import math
+import random
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -40,6 +47,7 @@ __all__ = [
     "count_reasons",
     "over_budget",
     "select_pair",
+    "shuffle_scores",
 ]
 
 KEPT = "kept"
@@ -87,6 +95,8 @@ class FilterConfig:
     crop_lo: float = 0.2
     min_margin: float = 0.0
     max_pairs: int | None = None
+    shuffle_scores: bool = False
+    shuffle_seed: int = 0
 
     def __post_init__(self) -> None:
         # each threshold applies to a different candidate (chosen vs rejected), so lo > hi is legitimate:
@@ -146,6 +156,20 @@ def select_pair(candidates: Sequence[Scored], config: FilterConfig | None = None
     if rejected is None:
         return _drop("no_rejected_crop")
     return FilterDecision(kept=True, chosen=chosen, rejected=rejected, reason=KEPT)
+
+
+def shuffle_scores(candidates: Sequence[Scored], seed: str) -> list[ScoredCandidate]:
+    """The candidates of one question with the (answer, crop) score pairs of those the filter can use
+    permuted among them (a seeded permutation of ``seed``, e.g. ``"<shuffle_seed>:<question index>"``); a
+    candidate without both scores (an unparsable box) keeps its missing score. The control of
+    ``shuffle_scores``."""
+    usable = [i for i, c in enumerate(candidates) if _usable(c.answer_score) and _usable(c.crop_score)]
+    scores = [(c.answer_score, c.crop_score) for c in candidates]
+    moved = [scores[i] for i in usable]
+    random.Random(seed).shuffle(moved)
+    for i, pair in zip(usable, moved, strict=True):
+        scores[i] = pair
+    return [ScoredCandidate(c.index, a, s) for c, (a, s) in zip(candidates, scores, strict=True)]
 
 
 def over_budget() -> FilterDecision:

@@ -21,7 +21,7 @@ from visrl.data.images import load_rgb, resolve
 from visrl.data.prompts import PromptTemplates
 from visrl.data.records import PreferenceRecord, make_preference_record, read_pairs, write_pairs
 from visrl.rollout.candidates import Candidate
-from visrl.rollout.filter import FilterConfig, FilterDecision, ScoredCandidate, over_budget, select_pair
+from visrl.rollout.filter import FilterConfig, FilterDecision, ScoredCandidate, over_budget, select_pair, shuffle_scores
 
 __all__ = ["CROPS", "PAIRS", "Pair", "group_by_question", "load_pairs", "save_pairs", "select_pairs"]
 
@@ -165,17 +165,19 @@ def select_pairs(
 
     Candidates without both scores (unparsable boxes, unreadable judge replies) are ignored by the filter,
     as the reference drops ``None`` scores. ``filter_cfg.max_pairs`` keeps the first kept questions only
-    (the rest: ``over_budget``). Deterministic: the same candidates give the same pairs. Returns the pairs
+    (the rest: ``over_budget``); ``filter_cfg.shuffle_scores`` permutes each question's score pairs first
+    (the matched random-score control). Deterministic: the same candidates give the same pairs. Returns the pairs
     and every question's filter decision (for the statistics).
     """
     crops_dir = Path(out_dir) / CROPS
     crops_dir.mkdir(parents=True, exist_ok=True)
     decisions: list[FilterDecision] = []
     pairs: list[Pair] = []
-    for group in group_by_question(candidates).values():
-        decision = select_pair(
-            [ScoredCandidate(c.cand, c.answer_score, c.crop_score) for c in group], filter_cfg
-        )
+    for question, group in group_by_question(candidates).items():
+        scored = [ScoredCandidate(c.cand, c.answer_score, c.crop_score) for c in group]
+        if filter_cfg.shuffle_scores:  # the matched random-score control
+            scored = shuffle_scores(scored, f"{filter_cfg.shuffle_seed}:{question}")
+        decision = select_pair(scored, filter_cfg)
         if decision.kept and filter_cfg.max_pairs is not None and len(pairs) >= filter_cfg.max_pairs:
             decision = over_budget()
         decisions.append(decision)
