@@ -134,11 +134,16 @@ class _Key(Exception):
 
 def vocab_only(vocab: dict[str, int]) -> SimpleNamespace:
     """What ``prepare_base`` reads of a backbone before its cache lookup: the tokenizer's vocabulary."""
-    return SimpleNamespace(encoder=SimpleNamespace(processor=SimpleNamespace(tokenizer=SimpleNamespace(
-        get_vocab=lambda: dict(vocab)))))
+    return SimpleNamespace(
+        encoder=SimpleNamespace(
+            processor=SimpleNamespace(tokenizer=SimpleNamespace(get_vocab=lambda: dict(vocab)))
+        )
+    )
 
 
-def pipeline_key(cfg: DictConfig, monkeypatch: pytest.MonkeyPatch, vocab: dict[str, int] | None = None) -> str:
+def pipeline_key(
+    cfg: DictConfig, monkeypatch: pytest.MonkeyPatch, vocab: dict[str, int] | None = None
+) -> str:
     """The cache key the real ``prepare_base`` derives from ``cfg`` (stopped before any training)."""
 
     def capture(root: Path, key: str) -> None:
@@ -176,7 +181,9 @@ def test_cache_key_changes_with_each_ingredient_and_is_stable_otherwise(
 def test_cache_key_changes_with_the_tokenizer_vocabulary(monkeypatch: pytest.MonkeyPatch) -> None:
     """The tiny tokenizer is trained in code: a changed corpus must not reuse a base model of the old one."""
     cfg = compose_cfg()
-    assert pipeline_key(cfg, monkeypatch, {"a": 0, "b": 1}) != pipeline_key(cfg, monkeypatch, {"a": 0, "bc": 1})
+    assert pipeline_key(cfg, monkeypatch, {"a": 0, "b": 1}) != pipeline_key(
+        cfg, monkeypatch, {"a": 0, "bc": 1}
+    )
 
 
 @pytest.mark.parametrize("override", ["prompt=visrl", "trainer.accumulate_grad_batches=4"])

@@ -152,11 +152,15 @@ def test_deleted_final_files_are_rebuilt_identically(
     assert rows == (tiny_run / "metrics.jsonl").read_text().count("\n"), "the rebuild logged records again"
 
 
-def test_corrupt_step_file_is_named_in_one_line(finished_copy: Path, run_visrl: Callable[..., CliResult]) -> None:
+def test_corrupt_step_file_is_named_in_one_line(
+    finished_copy: Path, run_visrl: Callable[..., CliResult]
+) -> None:
     (finished_copy / "summary.json").unlink()
     (finished_copy / "iter_1" / "eval" / "metrics.json").write_text("")
     result = run_visrl(finished_copy, *ARGS)
     assert result.returncode == 2, result.tail()
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and "iter_1/eval/metrics.json" in errors[0] and "iter_1/eval" in errors[0], result.tail()
+    assert len(errors) == 1 and "iter_1/eval/metrics.json" in errors[0] and "iter_1/eval" in errors[0], (
+        result.tail()
+    )
     assert "Traceback" not in result.stderr

@@ -64,7 +64,10 @@ def imports(path: Path, top_level_only: bool = False) -> list[tuple[int, str]]:
                 pkg = module_name(path).split(".")
                 pkg = pkg[: len(pkg) - node.level + (path.name == "__init__.py")]
                 base = ".".join([*pkg, base] if base else pkg)
-            found += [(node.lineno, f"{base}.{a.name}" if _is_module(f"{base}.{a.name}") else base) for a in node.names]
+            found += [
+                (node.lineno, f"{base}.{a.name}" if _is_module(f"{base}.{a.name}") else base)
+                for a in node.names
+            ]
     return sorted(set(found))
 
 
@@ -146,7 +149,9 @@ def test_the_layer_table_is_acyclic() -> None:
     def below(part: str, path: tuple[str, ...] = ()) -> set[str]:
         assert part not in path, f"layer cycle: {' -> '.join((*path, part))}"
         if part not in seen:
-            seen[part] = set().union(*({p, *below(p, (*path, part))} for p in LAYERS[part])) if LAYERS[part] else set()
+            seen[part] = (
+                set().union(*({p, *below(p, (*path, part))} for p in LAYERS[part])) if LAYERS[part] else set()
+            )
         return seen[part]
 
     for part in LAYERS:
@@ -165,8 +170,9 @@ def test_no_import_cycle_between_files() -> None:
         ("import pytorch_lightning\n", None),
     ],
 )
-def test_the_checker_catches_a_bad_import(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, source: str,
-                                          expected: str | None) -> None:
+def test_the_checker_catches_a_bad_import(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, source: str, expected: str | None
+) -> None:
     """The checker itself: a data module importing training is reported; a third-party import is not."""
     fake = PACKAGE / "data" / "_layer_probe.py"
     monkeypatch.setattr(sys.modules[__name__], "package_files", lambda: [fake])

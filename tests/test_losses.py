@@ -170,7 +170,9 @@ def test_step_dpo_loss_weighs_the_preference_term() -> None:
     box = PreferenceLossOutput(_t(1.0, 3.0), _t(0, 0), _t(0, 0))  # mean 2
     sft = {"box": _t(0.5, 1.5)}  # mean 1
     assert step_dpo_loss({"box": box}, {"box": 0.5}, sft, ftx=2.0, pref=0.0).item() == pytest.approx(0.5 * 2)
-    assert step_dpo_loss({"box": box}, {"box": 0.5}, sft, ftx=2.0, pref=0.25).item() == pytest.approx(0.5 * 2.5)
+    assert step_dpo_loss({"box": box}, {"box": 0.5}, sft, ftx=2.0, pref=0.25).item() == pytest.approx(
+        0.5 * 2.5
+    )
     assert step_dpo_loss({"box": box}, {"box": 1.0}, sft, ftx=1.0, pref=1.0).item() == pytest.approx(3.0)
     for bad in (-1.0, float("inf")):
         with pytest.raises(ValueError, match="pref must be finite"):

@@ -117,7 +117,8 @@ def test_notebook_runs_on_a_sweep(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     assert "2 jobs (2 complete, 0 failed, 0 incomplete)" in joined
     # the report table: jobs in order of beta, then columns job, override, status, cot_gt/cot_pred accuracy
     assert (
-        "| objective.beta=0.05 | 0.05 | complete | 0.900 | 0.500 |" in joined.split("| objective.beta=0.1 |")[0]
+        "| objective.beta=0.05 | 0.05 | complete | 0.900 | 0.500 |"
+        in joined.split("| objective.beta=0.1 |")[0]
     )
     assert "| objective.beta=0.1 | 0.1 | complete | 0.900 | 0.700 |" in joined
     assert pngs == 2 * 2 + 4  # per job: iterations + gallery; report: one plot per final metric

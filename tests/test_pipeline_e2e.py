@@ -133,7 +133,9 @@ def test_summary_matches_evaluations_and_the_metrics_mirror(tiny_run: Path) -> N
             f"summary iter {entry['iter']} != {eval_dir}"
         )
         assert row["iter"] == entry["iter"]  # the iteration axis of W&B
-        assert {k.removeprefix("eval/synthetic/"): v for k, v in row.items() if k not in ("step", "iter")} == metrics
+        assert {
+            k.removeprefix("eval/synthetic/"): v for k, v in row.items() if k not in ("step", "iter")
+        } == metrics
         preds = read_jsonl(eval_dir / "predictions.jsonl")
         assert preds and all(set(p) >= PREDICTION_KEYS for p in preds)
         assert {p["mode"] for p in preds} == {"direct", "cot_gt", "cot_pred"}

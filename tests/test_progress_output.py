@@ -19,9 +19,13 @@ PHASES = (
 
 
 def test_debug_fast_output_shows_every_phase_and_the_results(run_visrl, tmp_path: Path) -> None:
-    result = run_visrl(tmp_path / "run", "iter=1", "logger=none", env={"VISRL_CACHE": str(tmp_path / "cache")})
+    result = run_visrl(
+        tmp_path / "run", "iter=1", "logger=none", env={"VISRL_CACHE": str(tmp_path / "cache")}
+    )
     assert result.returncode == 0, result.tail()
     output = result.stdout + result.stderr
     missing = [phase for phase in PHASES if phase not in output]
     assert not missing, f"no progress line for {missing}\n{result.tail(60)}"
-    assert "| iteration |" in result.stdout and "effect of iteration 1 over SFT" in result.stdout, result.tail()
+    assert "| iteration |" in result.stdout and "effect of iteration 1 over SFT" in result.stdout, (
+        result.tail()
+    )

@@ -46,7 +46,9 @@ def test_quick_blocks_run_as_written(tmp_path: Path) -> None:
     assert summary.is_file(), "README: `python run.py debug=fast` lands in outputs/debug-fast/"
 
 
-def test_load_model_block_runs_on_a_lora_saved_checkpoint(real_checkpoints: dict[str, Path], tmp_path: Path) -> None:
+def test_load_model_block_runs_on_a_lora_saved_checkpoint(
+    real_checkpoints: dict[str, Path], tmp_path: Path
+) -> None:
     import torch
 
     from visrl.models.backbone import apply_lora

@@ -20,7 +20,9 @@ FAMILIES = {"qwen2vl": "qwen2vl", "llava": "llava15", "qwen25vl": "qwen25vl"}  #
     "family",
     [pytest.param("qwen2vl"), pytest.param("llava", marks=pytest.mark.slow), pytest.param("qwen25vl", marks=pytest.mark.slow)],
 )  # fmt: skip
-def test_paper_recipe_iter1_with_judge_on_mini_viscot(family, real_checkpoints, viscot_tree, run_visrl, tmp_path):
+def test_paper_recipe_iter1_with_judge_on_mini_viscot(
+    family, real_checkpoints, viscot_tree, run_visrl, tmp_path
+):
     run = tmp_path / "run"
     train = viscot_tree / "train.json"
     result = run_visrl(
@@ -45,5 +47,7 @@ def test_paper_recipe_iter1_with_judge_on_mini_viscot(family, real_checkpoints, 
     assert [it["iter"] for it in summary["iterations"]] == [0, 1]
     assert "overall/em" in summary["iterations"][1]["metrics"] and "overall/em" in summary["effect"]
     for stage in ("sft", "iter_1"):
-        assert (run / stage / "model" / "adapter" / "adapter_config.json").is_file(), f"{stage}: no PEFT adapter"
+        assert (run / stage / "model" / "adapter" / "adapter_config.json").is_file(), (
+            f"{stage}: no PEFT adapter"
+        )
     assert (run / "csv" / "tables" / "eval-predictions-iter_1").is_dir(), "no predictions table"

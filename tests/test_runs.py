@@ -36,8 +36,12 @@ HOLD = textwrap.dedent(
 
 def hold_lock(root: Path) -> subprocess.Popen:
     """A separate process that takes the run directory's lock and keeps it."""
-    proc = subprocess.Popen([sys.executable, "-c", HOLD, str(root)], stdout=subprocess.PIPE, text=True,
-                            cwd=Path(__file__).resolve().parents[1])
+    proc = subprocess.Popen(
+        [sys.executable, "-c", HOLD, str(root)],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=Path(__file__).resolve().parents[1],
+    )
     assert proc.stdout is not None and proc.stdout.readline().strip() == "held"
     return proc
 
@@ -90,16 +94,18 @@ def test_step_runs_once_and_a_resumed_run_restores_its_weights(tmp_path: Path) -
     run = RunDir(tmp_path)
     assert run.step("iter_1/stage1", lambda: train(1.0), trains=model) == "trained"
     trained = model.weight.detach().clone()
-    assert json.loads((tmp_path / "iter_1/stage1" / DONE).read_text()) == {"weights": "iter_1/stage1/weights.pt"}
+    assert json.loads((tmp_path / "iter_1/stage1" / DONE).read_text()) == {
+        "weights": "iter_1/stage1/weights.pt"
+    }
 
     fresh, resumed = _model(), RunDir(tmp_path)  # a new process: the model starts from its init again
     assert resumed.step("iter_1/stage1", lambda: train(5.0), trains=fresh) is None
     assert calls == [1.0], "a done step ran again"
     assert not torch.equal(fresh.weight, trained), "weights are restored lazily, before the next step runs"
     resumed.step("iter_1/stage2", lambda: calls.append("stage2"), trains=fresh)
-    assert torch.equal(
-        torch.load(tmp_path / "iter_1/stage2/weights.pt")["weight"], trained
-    ), "stage 2 did not start from stage 1's weights"
+    assert torch.equal(torch.load(tmp_path / "iter_1/stage2/weights.pt")["weight"], trained), (
+        "stage 2 did not start from stage 1's weights"
+    )
 
 
 def test_an_outer_step_records_the_inner_weights_instead_of_a_second_copy(tmp_path: Path) -> None:
@@ -122,7 +128,9 @@ def test_fail_after_fires_after_the_marker(tmp_path: Path) -> None:
     with pytest.raises(InjectedFailure, match="fail_after=sft"):
         run.step("sft", lambda: None)
     assert run.done("sft")
-    RunDir(tmp_path, fail_after="sft").step("sft", lambda: pytest.fail("ran again"))  # done: no second failure
+    RunDir(tmp_path, fail_after="sft").step(
+        "sft", lambda: pytest.fail("ran again")
+    )  # done: no second failure
 
 
 def test_complete_means_the_marker_and_every_file_it_lists(tmp_path: Path) -> None:

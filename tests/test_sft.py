@@ -207,7 +207,9 @@ def test_over_long_rows_are_dropped_and_counted_never_truncated(split) -> None:
     assert [r.length for r in rows] == lengths  # nothing was cut
     kept, dropped = drop_long(rows, max_length=max(lengths))
     assert kept == rows and not dropped  # a row of exactly max_length is kept
-    with pytest.raises(InputError, match=r"longer than sft.max_length=10 tokens.*raise sft.max_length") as err:
+    with pytest.raises(
+        InputError, match=r"longer than sft.max_length=10 tokens.*raise sft.max_length"
+    ) as err:
         RowsDataModule(rows, backbone.encoder, batch_size=4, max_length=10)
     assert "\n" not in str(err.value)  # one line: run.py shows it as is (issue: no rows left in a 7B recipe)
 

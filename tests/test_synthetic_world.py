@@ -128,7 +128,9 @@ def test_patterns_and_shapes_may_repeat_when_not_distinct() -> None:
 
 
 def test_target_colours_give_one_referent_among_other_colours() -> None:
-    world = WorldConfig(colours=["red", "green", "blue", "yellow", "cyan"], target_colours=["red"])  # Hydra lists
+    world = WorldConfig(
+        colours=["red", "green", "blue", "yellow", "cyan"], target_colours=["red"]
+    )  # Hydra lists
     assert world.colours == ("red", "green", "blue", "yellow", "cyan") and world.target_colours == ("red",)
     rng = random.Random(2)
     distractors = set()

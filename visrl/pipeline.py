@@ -78,7 +78,9 @@ def _run(cfg: DictConfig, run: RunDir) -> dict[str, Any]:
     try:
         if cfg.stage == "eval":
             evaluate(cfg, run, "eval", 0, benchmark, backbone, templates, logger)
-            return report_run(run.root, logger, run.finish(lambda: write_final_files(run.root, benchmark, ["eval"])))
+            return report_run(
+                run.root, logger, run.finish(lambda: write_final_files(run.root, benchmark, ["eval"]))
+            )
         backbone = prepare_base(cfg, backbone, templates, logger if not run.done("base") else None)
         run.step("base", lambda: None)  # the base model is a shared cache; the run records that it logged it
         backbone = sft_warmup(cfg, run, backbone, splits, data.image_root, templates, logger)
@@ -96,7 +98,11 @@ def _run(cfg: DictConfig, run: RunDir) -> dict[str, Any]:
 def build_backbone(cfg: DictConfig) -> Backbone:
     """The model of ``conf/model`` (a tiny random init or real pretrained weights)."""
     spec = OmegaConf.to_container(cfg.model, resolve=True)
-    for key in ("lora", "is_tiny", "freeze_vision"):  # pipeline settings of the backbone, not builder arguments
+    for key in (
+        "lora",
+        "is_tiny",
+        "freeze_vision",
+    ):  # pipeline settings of the backbone, not builder arguments
         spec.pop(key, None)
     return instantiate(spec, _convert_="all")
 
@@ -112,7 +118,9 @@ def prepare_base(cfg: DictConfig, backbone: Backbone, templates, logger) -> Back
         **OmegaConf.to_container(cfg.base, resolve=True),
         "templates": dataclasses.asdict(templates),
         "trainer": trainer_kwargs(cfg),
-        "vocab": cache_key(backbone.encoder.processor.tokenizer.get_vocab()),  # the tokenizer is built in code
+        "vocab": cache_key(
+            backbone.encoder.processor.tokenizer.get_vocab()
+        ),  # the tokenizer is built in code
     }
     material = key_material(OmegaConf.to_container(cfg.model, resolve=True), world, skills, schedule)
     root = Path(cfg.paths.cache_dir) / "base"
@@ -140,7 +148,9 @@ def prepare_base(cfg: DictConfig, backbone: Backbone, templates, logger) -> Back
     return backbone
 
 
-def sft_warmup(cfg: DictConfig, run: RunDir, backbone: Backbone, splits, image_root, templates, logger) -> Backbone:
+def sft_warmup(
+    cfg: DictConfig, run: RunDir, backbone: Backbone, splits, image_root, templates, logger
+) -> Backbone:
     """SFT on the small box-annotated split, both steps (VisRL §3.2); the RL starting point is reloaded from
     disk (merged under LoRA), so a fresh and a resumed run start the iterations from the same model."""
 
@@ -154,14 +164,21 @@ def sft_warmup(cfg: DictConfig, run: RunDir, backbone: Backbone, splits, image_r
     return load_backbone(run / "sft" / "model")
 
 
-def train_rows(stage_cfg: DictConfig, backbone: Backbone, rows, out: Path, logger, cfg: DictConfig,
-               phase: str = "sft") -> None:
+def train_rows(
+    stage_cfg: DictConfig, backbone: Backbone, rows, out: Path, logger, cfg: DictConfig, phase: str = "sft"
+) -> None:
     """One supervised fit (``phase`` base or sft) of ``rows`` with the stage's optimizer and schedule."""
     from visrl.logging.lightning import RunLoggerAdapter
 
     trainable_parts(cfg, backbone)
-    dm = RowsDataModule(rows, backbone.encoder, int(stage_cfg.batch_size), int(stage_cfg.max_length), int(cfg.seed),
-                        knob=f"{phase}.max_length")
+    dm = RowsDataModule(
+        rows,
+        backbone.encoder,
+        int(stage_cfg.batch_size),
+        int(stage_cfg.max_length),
+        int(cfg.seed),
+        knob=f"{phase}.max_length",
+    )
     logger.log_iteration(0, {f"data/{phase}/dropped_long": float(sum(dm.dropped.values()))})
     module = SFTModule(backbone.model, instantiate(stage_cfg.optimizer), instantiate(stage_cfg.scheduler))
     adapter = RunLoggerAdapter(logger, name=phase, phase=phase)
@@ -178,12 +195,18 @@ def rl_iterations(cfg, run: RunDir, backbone: Backbone, data, splits, templates,
     place(m_org.backbone, trainer_device(cfg))  # a full-fine-tuning M_org is a copy loaded on the CPU
     prefs = build_preference_data(cfg, run.root, splits, data.image_root, templates)
     for k in range(1, int(cfg.iter) + 1):
-        run.step(f"iter_{k}", lambda k=k: iteration(cfg, run, k, backbone, m_org, prefs, templates, benchmark,
-                                                    data.image_root, logger), trains=backbone.model)
+        run.step(
+            f"iter_{k}",
+            lambda k=k: iteration(
+                cfg, run, k, backbone, m_org, prefs, templates, benchmark, data.image_root, logger
+            ),
+            trains=backbone.model,
+        )
 
 
-def iteration(cfg, run: RunDir, k: int, backbone: Backbone, m_org, prefs, templates, benchmark, image_root,
-              logger) -> None:
+def iteration(
+    cfg, run: RunDir, k: int, backbone: Backbone, m_org, prefs, templates, benchmark, image_root, logger
+) -> None:
     """One VisRL iteration: regenerate with M_RL^{k-1}, DPO stage 1 and stage 2, save, evaluate."""
     policy = on_device(cfg, backbone)  # M_RL^{k-1}
     regenerated = prefs.regenerate(policy, k, m_org if cfg.scorer.m_org == "initial" else policy)
@@ -197,8 +220,13 @@ def iteration(cfg, run: RunDir, k: int, backbone: Backbone, m_org, prefs, templa
     reference = None if cfg.dpo.precompute_ref else reference_strategy(ref_policy, backbone)
     for name, stage in cfg.dpo.stages.items():
         if stage.enabled:
-            run.step(f"iter_{k}/{name}", lambda name=name, stage=stage: fit_dpo_stage(
-                cfg, stage, backbone, prefs, run / f"iter_{k}" / name, k, logger, reference), trains=backbone.model)
+            run.step(
+                f"iter_{k}/{name}",
+                lambda name=name, stage=stage: fit_dpo_stage(
+                    cfg, stage, backbone, prefs, run / f"iter_{k}" / name, k, logger, reference
+                ),
+                trains=backbone.model,
+            )
     on_rank_zero(backbone.save, run / f"iter_{k}" / "model", bool(cfg.save_merged))  # adapter under LoRA
     on_rank_zero(log_model_artifact, logger, run / f"iter_{k}" / "model", f"model_iter_{k}")
     evaluate(cfg, run, f"iter_{k}/eval", k, benchmark, backbone, templates, logger)
@@ -226,12 +254,19 @@ def build_preference_data(cfg: DictConfig, out: Path, splits, image_root, templa
     from visrl.training.datamodules import PreferenceDataModule
 
     return PreferenceDataModule(
-        run_dir=out, pool=read_viscot(splits["rl"]), image_root=image_root, templates=templates,
+        run_dir=out,
+        pool=read_viscot(splits["rl"]),
+        image_root=image_root,
+        templates=templates,
         rollout=RolloutConfig.from_mapping(OmegaConf.to_container(cfg.rollout, resolve=True)),
-        filter_cfg=instantiate(cfg.filter), answer_scorer=instantiate(cfg.scorer.answer),
-        crop_scorer=instantiate(cfg.scorer.crop), batch_size=int(cfg.dpo.batch_size),
-        max_length=int(cfg.dpo.max_length), rejected_own_crop=bool(cfg.rollout.rejected_own_crop),
-        questions_per_iter=cfg.rollout.questions, seed=int(cfg.seed),
+        filter_cfg=instantiate(cfg.filter),
+        answer_scorer=instantiate(cfg.scorer.answer),
+        crop_scorer=instantiate(cfg.scorer.crop),
+        batch_size=int(cfg.dpo.batch_size),
+        max_length=int(cfg.dpo.max_length),
+        rejected_own_crop=bool(cfg.rollout.rejected_own_crop),
+        questions_per_iter=cfg.rollout.questions,
+        seed=int(cfg.seed),
         ref_cache_dir=Path(cfg.paths.cache_dir) / "ref_logps",  # shared by runs: a beta sweep reuses them
     )
 
@@ -247,17 +282,32 @@ def fit_dpo_stage(cfg, stage, backbone: Backbone, prefs, out: Path, k: int, logg
         log.warning("%s: no preference pairs for steps %s; stage skipped", out, list(weights))
         return
     module = StepDPOModule(
-        backbone.model, optimizer=instantiate(cfg.dpo.optimizer, lr=float(stage.lr)),
-        scheduler=instantiate(cfg.dpo.scheduler), weights=weights, loss=cfg.objective.loss,
-        beta=float(cfg.objective.beta), label_smoothing=float(cfg.objective.label_smoothing),
-        ftx=float(cfg.dpo.ftx), reference=reference, pref=float(cfg.dpo.pref),
+        backbone.model,
+        optimizer=instantiate(cfg.dpo.optimizer, lr=float(stage.lr)),
+        scheduler=instantiate(cfg.dpo.scheduler),
+        weights=weights,
+        loss=cfg.objective.loss,
+        beta=float(cfg.objective.beta),
+        label_smoothing=float(cfg.objective.label_smoothing),
+        ftx=float(cfg.dpo.ftx),
+        reference=reference,
+        pref=float(cfg.dpo.pref),
     )
     adapter = RunLoggerAdapter(logger, name=out.name, phase=f"dpo/{out.name}", context={"iter": k})
-    fit(module, stage_data, out, int(stage.epochs), trainer_kwargs(cfg), adapter, label=f"iter {k} | {out.name}")
+    fit(
+        module,
+        stage_data,
+        out,
+        int(stage.epochs),
+        trainer_kwargs(cfg),
+        adapter,
+        label=f"iter {k} | {out.name}",
+    )
 
 
-def evaluate(cfg: DictConfig, run: RunDir, name: str, k: int, benchmark, backbone: Backbone, templates,
-             logger) -> None:
+def evaluate(
+    cfg: DictConfig, run: RunDir, name: str, k: int, benchmark, backbone: Backbone, templates, logger
+) -> None:
     """Evaluate iteration ``k`` on the configured benchmark into ``<run_dir>/<name>`` (``metrics.json``,
     ``predictions.jsonl``); rank 0 only: the other ranks' metrics would go nowhere (the logger and the summary
     are rank 0's)."""
@@ -277,7 +327,9 @@ def check_config(cfg: DictConfig) -> None:
     from visrl.losses import PREFERENCE_LOSSES
 
     if cfg.stage == "all" and cfg.objective.loss not in PREFERENCE_LOSSES:
-        raise ValueError(f"objective.loss: unknown loss {cfg.objective.loss!r}; valid: {sorted(PREFERENCE_LOSSES)}")
+        raise ValueError(
+            f"objective.loss: unknown loss {cfg.objective.loss!r}; valid: {sorted(PREFERENCE_LOSSES)}"
+        )
 
 
 def build_benchmark(cfg: DictConfig, splits: dict[str, Path]):
@@ -311,10 +363,20 @@ def save_run_metadata(cfg: DictConfig, out: Path) -> None:
     """The resolved config and the code version, beside every artifact of the run."""
     write_text_atomic(out / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
     try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
-                             cwd=Path(__file__).parent).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True, timeout=10,
-                               cwd=Path(__file__).parent).stdout.strip()
+        sha = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            cwd=Path(__file__).parent,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            cwd=Path(__file__).parent,
+        ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         sha, dirty = "", ""
     write_text_atomic(out / "git_sha.txt", (sha or "unknown") + (" (dirty)" if dirty else "") + "\n")

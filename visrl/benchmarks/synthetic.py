@@ -110,7 +110,9 @@ class SyntheticBenchmark:
         gts = [r.box(im.size) for r, im in zip(recs, images)]
         fulls = [to_view(im, bb.image_size) for im in images]
         metrics: dict[str, float] = {}
-        with progress(f"eval | {self.name} {Path(out_dir).parent.name}", total=len(self.modes), unit="mode") as bar:
+        with progress(
+            f"eval | {self.name} {Path(out_dir).parent.name}", total=len(self.modes), unit="mode"
+        ) as bar:
             for mode in self.modes:
                 if any((r.uid, mode) not in preds.done for r in recs):
                     preds.add(self._mode_rows(mode, policy, templates, recs, images, fulls, gts))

@@ -536,7 +536,9 @@ class Qwen25VLFormat:
         if self.resized_size is not None and not callable(self.resized_size):
             object.__setattr__(self, "resized_size", _size(tuple(self.resized_size)))
 
-    def with_frame(self, patch_size: int, merge_size: int, min_pixels: int, max_pixels: int) -> Qwen25VLFormat:
+    def with_frame(
+        self, patch_size: int, merge_size: int, min_pixels: int, max_pixels: int
+    ) -> Qwen25VLFormat:
         """This format in the frame of an image processor with these settings (one source of truth: the
         loader passes the processor's own values, so boxes live in the pixels the model is fed)."""
         return replace(

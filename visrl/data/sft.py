@@ -77,4 +77,3 @@ def check_fit(rows: Sequence[Row], kept: Sequence[Row], max_length: int, knob: s
             f"all {len(rows)} rows are longer than {knob}={max_length} tokens (longest {longest}): raise {knob}, "
             "or lower the image budget (model.max_pixels for Qwen backbones)"
         )
-

@@ -23,7 +23,9 @@ class VisCoTFiles:
     sft: str | Path
     rl: str | Path
     test: str | Path | None = None
-    root: str | Path | None = None  # the Visual-CoT folder the config derives the paths above from (unused here)
+    root: str | Path | None = (
+        None  # the Visual-CoT folder the config derives the paths above from (unused here)
+    )
     # smoke runs (debug=fast): the first ``sizes[split]`` records of a split, copied under ``subset_dir``
     sizes: dict[str, int] | None = None
     subset_dir: str | Path | None = None
@@ -60,7 +62,9 @@ class VisCoTFiles:
         if n is None or n >= len(records):
             return path
         if self.subset_dir is None:
-            raise InputError(f"data.sizes.{name}={n} needs data.subset_dir (where the smaller split is written)")
+            raise InputError(
+                f"data.sizes.{name}={n} needs data.subset_dir (where the smaller split is written)"
+            )
         key = hashlib.sha256(f"{path.resolve()}|{path.stat().st_mtime_ns}|{n}".encode()).hexdigest()[:16]
         out = Path(self.subset_dir) / key / f"{name}.json"
         if not out.is_file():

@@ -79,7 +79,9 @@ def step_dpo_loss(
     if not (math.isfinite(ftx) and ftx >= 0):
         raise ValueError(f"visrl.losses.step_dpo_loss: ftx must be finite and >= 0, got {ftx}")
     if not (math.isfinite(pref) and pref >= 0) or pref + ftx == 0:
-        raise ValueError(f"visrl.losses.step_dpo_loss: pref must be finite and >= 0 with pref + ftx > 0, got {pref}")
+        raise ValueError(
+            f"visrl.losses.step_dpo_loss: pref must be finite and >= 0 with pref + ftx > 0, got {pref}"
+        )
     if ftx and (sft_terms is None or set(weights) - set(sft_terms)):
         raise ValueError("visrl.losses.step_dpo_loss: ftx > 0 needs the SFT term of every weighted step")
     terms = []

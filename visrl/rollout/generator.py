@@ -132,9 +132,7 @@ class RolloutQuestion:
 
 def as_questions(questions: Sequence[VisCoTRecord | RolloutQuestion]) -> list[RolloutQuestion]:
     return [
-        q
-        if isinstance(q, RolloutQuestion)
-        else RolloutQuestion(q.uid, q.question, q.answer, q.image_path)
+        q if isinstance(q, RolloutQuestion) else RolloutQuestion(q.uid, q.question, q.answer, q.image_path)
         for q in questions
     ]
 

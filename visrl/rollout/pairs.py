@@ -21,7 +21,14 @@ from visrl.data.images import load_rgb, resolve
 from visrl.data.prompts import PromptTemplates
 from visrl.data.records import PreferenceRecord, make_preference_record, read_pairs, write_pairs
 from visrl.rollout.candidates import Candidate
-from visrl.rollout.filter import FilterConfig, FilterDecision, ScoredCandidate, over_budget, select_pair, shuffle_scores
+from visrl.rollout.filter import (
+    FilterConfig,
+    FilterDecision,
+    ScoredCandidate,
+    over_budget,
+    select_pair,
+    shuffle_scores,
+)
 
 __all__ = ["CROPS", "PAIRS", "Pair", "group_by_question", "load_pairs", "save_pairs", "select_pairs"]
 

@@ -97,7 +97,9 @@ def _shared_vision(batch: dict[str, Tensor]) -> dict[str, Tensor] | None:
     return vision
 
 
-def _prompt_positions(model: nn.Module, prompts: list[tuple[Tensor, Tensor]], vision: dict[str, Tensor]) -> Tensor:
+def _prompt_positions(
+    model: nn.Module, prompts: list[tuple[Tensor, Tensor]], vision: dict[str, Tensor]
+) -> Tensor:
     """Position ids of each prompt (right padded): ``[3, B, Pmax]`` M-RoPE or ``[1, B, Pmax]`` 1-D RoPE.
 
     Qwen models compute M-RoPE positions with their own ``get_rope_index`` (images get 3-D grid positions,
