@@ -9,6 +9,8 @@ Why: the integration tests (entry point, configs, pipeline, sweeps, W&B readback
   leaks into the repository or the home directory, and no test can read real weights or the network;
 * ``tiny_run``: one ``debug=fast iter=2 logger=csv`` run, shared by every test that only reads a finished
   run directory (the expensive part of the suite is running the pipeline, so it runs once per session).
+* ``judge_server``: scripted OpenAI-compatible servers on 127.0.0.1 for the judge client tests
+  (``tests/judge_server.py``), closed after each test.
 """
 
 from __future__ import annotations
@@ -20,9 +22,13 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 import torch
+
+if TYPE_CHECKING:
+    from judge_server import ScriptedServer, StartServer, Step
 
 REPO = Path(__file__).resolve().parents[1]
 RUN_PY = REPO / "run.py"
@@ -133,3 +139,21 @@ def viscot_tree(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from real_checkpoints import build_viscot_tree
 
     return build_viscot_tree(tmp_path_factory.mktemp("viscot"))
+
+
+@pytest.fixture
+def judge_server() -> Iterator[StartServer]:
+    """``judge_server(script)`` starts a scripted OpenAI-compatible server on 127.0.0.1
+    (``tests/judge_server.py``: ``("ok", text)``, ``("status", code)``, ``("drop", None)``, ...) and returns
+    it (``.url``, ``.requests``, ``.count``); every server started is closed after the test."""
+    from judge_server import ScriptedServer
+
+    servers: list[ScriptedServer] = []
+
+    def start(script: list[Step]) -> ScriptedServer:
+        servers.append(ScriptedServer(script))
+        return servers[-1]
+
+    yield start
+    for server in servers:
+        server.close()

@@ -1,16 +1,14 @@
-"""Answer judges: the Visual-CoT score parser, the OpenAI-compatible client (against a local fake server
-and a mocked transport), the local-model judge and the config builder."""
+"""Answer judges: the Visual-CoT score parser, the OpenAI-compatible client (against the scripted local
+server of ``tests/judge_server.py`` and a mocked transport), the local-model judge and the config builder."""
 
 from __future__ import annotations
 
 import json
-import threading
 import urllib.error
-from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 import torch
+from judge_server import StartServer
 
 from visrl.benchmarks.judge import (
     FAILED_REPLY,
@@ -62,58 +60,11 @@ def test_request_message_is_the_published_one() -> None:
     assert 'Please output the score in the form "score: <score>".' in VISCOT_JUDGE_SYSTEM
 
 
-class FakeServer:
-    """An OpenAI-compatible /chat/completions on 127.0.0.1 answering from a script of (status, body)."""
-
-    def __init__(self, script: list[tuple[int, str]]):
-        self.script, self.requests = list(script), []
-        outer = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802 (http.server API)
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                outer.requests.append({"path": self.path, "headers": dict(self.headers), "body": body})
-                status, text = outer.script.pop(0) if outer.script else (500, "script exhausted")
-                if status == 200:
-                    text = json.dumps({"choices": [{"message": {"role": "assistant", "content": text}}]})
-                payload = text.encode()
-                self.send_response(status)
-                self.send_header("Content-Length", str(len(payload)))
-                self.end_headers()
-                self.wfile.write(payload)
-
-            def log_message(self, *args) -> None:
-                pass
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
-        self.thread = threading.Thread(
-            target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
-        )
-        self.thread.start()
-
-    def close(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
-        self.thread.join(timeout=5)
-
-
-@pytest.fixture
-def server() -> Iterator[callable]:
-    servers: list[FakeServer] = []
-
-    def start(script: list[tuple[int, str]]) -> FakeServer:
-        servers.append(FakeServer(script))
-        return servers[-1]
-
-    yield start
-    for s in servers:
-        s.close()
-
-
-def test_openai_client_against_a_local_server(server, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_openai_client_against_a_local_server(
+    judge_server: StartServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("VISRL_TEST_KEY", "sk-test")
-    fake = server([(200, "score: 0.9"), (500, "overloaded"), (200, "Score: 0.3"), (200, "no idea")])
+    fake = judge_server([("ok", "score: 0.9"), ("status", 500), ("ok", "Score: 0.3"), ("ok", "no idea")])
     judge = OpenAIJudge(base_url=fake.url + "/", model="judge-x", api_key_env="VISRL_TEST_KEY",
                         timeout_s=5, retry_wait_s=0.0, concurrency=1)  # fmt: skip
     requests = [JudgeRequest("q1", "a", "a"), JudgeRequest("q2", "b", "c"), JudgeRequest("q3", "d", "e")]
@@ -121,8 +72,8 @@ def test_openai_client_against_a_local_server(server, monkeypatch: pytest.Monkey
     assert [(v.score, v.parsed) for v in verdicts] == [(0.9, True), (0.3, True), (0.0, False)]
     assert len(fake.requests) == 4  # the 500 was retried
     first = fake.requests[0]
-    assert first["path"] == "/v1/chat/completions" and first["headers"]["Authorization"] == "Bearer sk-test"
-    assert first["body"] == {
+    assert first.path == "/v1/chat/completions" and first.headers["Authorization"] == "Bearer sk-test"
+    assert first.body == {
         "model": "judge-x",
         "messages": [
             {"role": "system", "content": VISCOT_JUDGE_SYSTEM},
@@ -131,15 +82,17 @@ def test_openai_client_against_a_local_server(server, monkeypatch: pytest.Monkey
     }  # no temperature: the API default, as published
 
 
-def test_openai_client_gives_up_after_the_retries(server) -> None:
-    fake = server([(500, "down")] * 3 + [(200, "score: 1")])
+def test_openai_client_gives_up_after_the_retries(judge_server: StartServer) -> None:
+    fake = judge_server([("status", 500)] * 3 + [("ok", "score: 1")])
     judge = OpenAIJudge(base_url=fake.url, api_key_env=None, retries=3, retry_wait_s=0.0, timeout_s=5)
     assert judge.complete([JudgeRequest("q", "a", "b")]) == [FAILED_REPLY]
-    assert len(fake.requests) == 3 and "Authorization" not in fake.requests[0]["headers"]
+    assert len(fake.requests) == 3 and "Authorization" not in fake.requests[0].headers
 
 
-def test_openai_client_fails_fast_on_bad_credentials(server, monkeypatch: pytest.MonkeyPatch) -> None:
-    fake = server([(401, "bad key")] * 3)
+def test_openai_client_fails_fast_on_bad_credentials(
+    judge_server: StartServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fake = judge_server([("status", 401)] * 3)
     judge = OpenAIJudge(base_url=fake.url, api_key_env=None, retry_wait_s=0.0, timeout_s=5)
     with pytest.raises(JudgeError, match="HTTP 401"):
         judge.complete([JudgeRequest("q", "a", "b")])
