@@ -32,6 +32,7 @@ LAYERS: dict[str, set[str]] = {
     "visrl.runs": {"visrl.data", "visrl.logging", *PLUMBING},
     "visrl.summary": {"visrl.data", "visrl.benchmarks", "visrl.logging"},
     "visrl.report": {"visrl.data", "visrl.logging"},
+    "visrl.compare": {"visrl.data", "visrl.pipeline"},  # builds the benchmark the one way the pipeline does
     "visrl.config": {"visrl.data", "visrl.losses"},  # the schema and the one-line errors of run.py
     "visrl.pipeline": {"visrl.data", "visrl.models", "visrl.losses", "visrl.rollout", "visrl.benchmarks",
                        "visrl.training", "visrl.logging", "visrl.runs", "visrl.summary", *PLUMBING},

@@ -1,0 +1,122 @@
+"""Compare two runs on the same questions: ``python -m visrl.compare BASELINE RUN [--eval iter_3/eval]``.
+
+A control is read against the method on the SAME test questions, so the honest statistic is the paired
+difference per question, not two separate intervals: this prints the benchmark's paired bootstrap
+(:meth:`Benchmark.paired_effect`, 95 % interval) of ``RUN - BASELINE`` for the headline metrics (the
+synthetic benchmark: ``cot_pred`` accuracy and detection, ``intent/named_hit`` and ``intent/swap_follow``).
+
+Both runs must have evaluated the same questions: their ``data`` and ``benchmark`` config sections must
+be equal, else one line names the first key that differs (e.g. ``seed``, ``data.world.n_objects``).
+``--eval`` picks the evaluation folder inside each run (default: the last one both runs have, e.g.
+``iter_3/eval``); ``--json FILE`` also writes the effects.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from visrl.data.io import write_json_atomic
+
+__all__ = ["compare_runs", "config_difference", "last_common_eval", "main"]
+
+SAME = ("seed", "data", "benchmark")  # what decides the questions and how they are scored
+
+
+def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(node, dict):
+        out: dict[str, Any] = {}
+        for key, value in node.items():
+            out.update(_flatten(value, f"{prefix}{key}."))
+        return out
+    return {prefix.rstrip("."): node}
+
+
+def config_difference(a: DictConfig, b: DictConfig, keys: Sequence[str] = SAME) -> str | None:
+    """The first dotted key under ``keys`` whose value differs between two run configs, else None."""
+    for key in keys:
+        flat_a = _flatten({key: OmegaConf.to_container(a, resolve=True).get(key)})
+        flat_b = _flatten({key: OmegaConf.to_container(b, resolve=True).get(key)})
+        for name in sorted(set(flat_a) | set(flat_b)):
+            if flat_a.get(name) != flat_b.get(name):
+                return f"{name}: {flat_a.get(name)!r} vs {flat_b.get(name)!r}"
+    return None
+
+
+def _evals(run: Path) -> list[str]:
+    """The run's finished evaluations in pipeline order: ``sft/eval``, ``iter_1/eval``, ...."""
+    found = ["sft/eval"] if (run / "sft/eval/DONE").exists() else []
+    iters = sorted(
+        (
+            int(m.group(1))
+            for p in run.glob("iter_*/eval/DONE")
+            if (m := re.match(r"iter_(\d+)$", p.parent.parent.name))
+        ),
+    )
+    return found + [f"iter_{k}/eval" for k in iters]
+
+
+def last_common_eval(a: Path, b: Path) -> str:
+    """The latest evaluation folder both runs finished (``ValueError`` naming the runs when none)."""
+    common = [e for e in _evals(a) if e in set(_evals(b))]
+    if not common:
+        raise ValueError(f"{a} and {b} share no finished evaluation (sft/eval, iter_K/eval)")
+    return common[-1]
+
+
+def compare_runs(baseline: Path, run: Path, eval_dir: str | None = None) -> tuple[str, dict[str, dict]]:
+    """``(eval folder, {metric: {before, after, diff, ci95, n}})``: ``run`` minus ``baseline``, paired."""
+    from hydra.utils import instantiate
+
+    from visrl.pipeline import build_benchmark  # the one way a config becomes a benchmark
+
+    cfgs = [OmegaConf.load(Path(r) / "config.yaml") for r in (baseline, run)]
+    if (diff := config_difference(*cfgs)) is not None:
+        raise ValueError(f"{baseline} and {run} evaluated different questions ({diff})")
+    eval_dir = eval_dir or last_common_eval(baseline, run)
+    for r in (baseline, run):
+        if not (r / eval_dir / "DONE").exists():
+            raise ValueError(f"{r / eval_dir}: no finished evaluation there")
+    benchmark = build_benchmark(cfgs[0], instantiate(cfgs[0].data).ensure())
+    return eval_dir, benchmark.paired_effect(baseline / eval_dir, run / eval_dir)
+
+
+def _table(effects: dict[str, dict]) -> str:
+    rows = ["| metric | baseline | run | run - baseline [95 % CI] | n |", "|---|---|---|---|---|"]
+    for name, e in effects.items():
+        lo, hi = e["ci95"]
+        rows.append(
+            f"| {name} | {e['before']:.3f} | {e['after']:.3f} | "
+            f"{100 * e['diff']:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}] | {e['n']} |"
+        )
+    return "\n".join(rows)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m visrl.compare", description=__doc__.split("\n\n")[0])
+    parser.add_argument("baseline", type=Path, help="run directory of the baseline (e.g. a control)")
+    parser.add_argument("run", type=Path, help="run directory compared against it")
+    parser.add_argument("--eval", default=None, help="evaluation folder in both runs (default: last common)")
+    parser.add_argument("--json", type=Path, default=None, help="also write the effects to this file")
+    args = parser.parse_args(argv)
+    try:
+        eval_dir, effects = compare_runs(args.baseline, args.run, args.eval)
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"visrl.compare: {exc}", file=sys.stderr)
+        return 2
+    print(f"{args.run} - {args.baseline} ({eval_dir}, paired bootstrap over the same questions)")
+    print(_table(effects))
+    if args.json is not None:
+        write_json_atomic(args.json, {"baseline": str(args.baseline), "run": str(args.run),
+                                      "eval": eval_dir, "effects": effects})  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
