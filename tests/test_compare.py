@@ -32,8 +32,8 @@ def _flip(eval_dir: Path, n: int) -> float:
 
 
 def test_a_run_against_itself_and_a_hand_edited_copy(tiny_run: Path, tmp_path: Path) -> None:
-    eval_dir, same = compare_runs(tiny_run, tiny_run)
-    assert eval_dir == "iter_2/eval"
+    evals, same = compare_runs(tiny_run, tiny_run)
+    assert evals == ("iter_2/eval", "iter_2/eval")
     assert same["cot_pred/accuracy"]["diff"] == 0.0 and same["cot_pred/accuracy"]["ci95"] == [0.0, 0.0]
     other = _copy(tiny_run, tmp_path / "other")
     expected = _flip(other / "iter_2/eval", 3)
@@ -42,6 +42,10 @@ def test_a_run_against_itself_and_a_hand_edited_copy(tiny_run: Path, tmp_path: P
     assert effects["cot_pred/accuracy"]["n"] == same["cot_pred/accuracy"]["n"]
     _, sft = compare_runs(tiny_run, other, "sft/eval")  # an earlier evaluation, untouched
     assert sft["cot_pred/accuracy"]["diff"] == 0.0
+    shutil.rmtree(other / "iter_2")  # a run that stopped earlier: its own last evaluation is used
+    shutil.rmtree(other / "iter_1")
+    evals, _ = compare_runs(other, tiny_run)
+    assert evals == ("sft/eval", "iter_2/eval")
 
 
 def test_runs_on_different_questions_are_refused_in_one_line(tiny_run: Path, tmp_path: Path, capsys) -> None:
@@ -68,4 +72,4 @@ def test_the_cli_prints_a_table_and_writes_json(tiny_run: Path, tmp_path: Path, 
     out = capsys.readouterr().out
     assert "| cot_pred/accuracy |" in out and "+0.0 [+0.0, +0.0]" in out
     saved = json.loads((tmp_path / "e.json").read_text())
-    assert saved["eval"] == "iter_2/eval" and "cot_pred/accuracy" in saved["effects"]
+    assert saved["evals"] == ["iter_2/eval", "iter_2/eval"] and "cot_pred/accuracy" in saved["effects"]

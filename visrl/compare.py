@@ -7,8 +7,9 @@ synthetic benchmark: ``cot_pred`` accuracy and detection, ``intent/named_hit`` a
 
 Both runs must have evaluated the same questions: their ``data`` and ``benchmark`` config sections must
 be equal, else one line names the first key that differs (e.g. ``seed``, ``data.world.n_objects``).
-``--eval`` picks the evaluation folder inside each run (default: the last one both runs have, e.g.
-``iter_3/eval``); ``--json FILE`` also writes the effects.
+By default each run's final evaluation is used (``iter_3/eval``; ``sft/eval`` for an SFT-only run such as
+the supervised upper bound), so the final models are compared; ``--eval iter_1/eval`` picks the same folder
+in both. ``--json FILE`` also writes the effects.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from visrl.data.io import write_json_atomic
 
-__all__ = ["compare_runs", "config_difference", "last_common_eval", "main"]
+__all__ = ["compare_runs", "config_difference", "final_eval", "main"]
 
 SAME = ("seed", "data", "benchmark")  # what decides the questions and how they are scored
 
@@ -62,16 +63,19 @@ def _evals(run: Path) -> list[str]:
     return found + [f"iter_{k}/eval" for k in iters]
 
 
-def last_common_eval(a: Path, b: Path) -> str:
-    """The latest evaluation folder both runs finished (``ValueError`` naming the runs when none)."""
-    common = [e for e in _evals(a) if e in set(_evals(b))]
-    if not common:
-        raise ValueError(f"{a} and {b} share no finished evaluation (sft/eval, iter_K/eval)")
-    return common[-1]
+def final_eval(run: Path) -> str:
+    """The run's last finished evaluation folder (``ValueError`` naming the run when it has none)."""
+    evals = _evals(run)
+    if not evals:
+        raise ValueError(f"{run}: no finished evaluation (sft/eval, iter_K/eval)")
+    return evals[-1]
 
 
-def compare_runs(baseline: Path, run: Path, eval_dir: str | None = None) -> tuple[str, dict[str, dict]]:
-    """``(eval folder, {metric: {before, after, diff, ci95, n}})``: ``run`` minus ``baseline``, paired."""
+def compare_runs(
+    baseline: Path, run: Path, eval_dir: str | None = None
+) -> tuple[tuple[str, str], dict[str, dict]]:
+    """``((baseline's folder, run's folder), {metric: {before, after, diff, ci95, n}})``: ``run`` minus
+    ``baseline``, paired by question, on ``eval_dir`` in both or else each run's final evaluation."""
     from hydra.utils import instantiate
 
     from visrl.pipeline import build_benchmark  # the one way a config becomes a benchmark
@@ -79,12 +83,12 @@ def compare_runs(baseline: Path, run: Path, eval_dir: str | None = None) -> tupl
     cfgs = [OmegaConf.load(Path(r) / "config.yaml") for r in (baseline, run)]
     if (diff := config_difference(*cfgs)) is not None:
         raise ValueError(f"{baseline} and {run} evaluated different questions ({diff})")
-    eval_dir = eval_dir or last_common_eval(baseline, run)
-    for r in (baseline, run):
-        if not (r / eval_dir / "DONE").exists():
-            raise ValueError(f"{r / eval_dir}: no finished evaluation there")
+    evals = (eval_dir, eval_dir) if eval_dir else (final_eval(baseline), final_eval(run))
+    for r, e in zip((baseline, run), evals, strict=True):
+        if not (r / e / "DONE").exists():
+            raise ValueError(f"{r / e}: no finished evaluation there")
     benchmark = build_benchmark(cfgs[0], instantiate(cfgs[0].data).ensure())
-    return eval_dir, benchmark.paired_effect(baseline / eval_dir, run / eval_dir)
+    return evals, benchmark.paired_effect(baseline / evals[0], run / evals[1])
 
 
 def _table(effects: dict[str, dict]) -> str:
@@ -102,19 +106,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m visrl.compare", description=__doc__.split("\n\n")[0])
     parser.add_argument("baseline", type=Path, help="run directory of the baseline (e.g. a control)")
     parser.add_argument("run", type=Path, help="run directory compared against it")
-    parser.add_argument("--eval", default=None, help="evaluation folder in both runs (default: last common)")
+    parser.add_argument(
+        "--eval", default=None, help="evaluation folder in both runs (default: each one's last)"
+    )
     parser.add_argument("--json", type=Path, default=None, help="also write the effects to this file")
     args = parser.parse_args(argv)
     try:
-        eval_dir, effects = compare_runs(args.baseline, args.run, args.eval)
+        evals, effects = compare_runs(args.baseline, args.run, args.eval)
     except (FileNotFoundError, ValueError) as exc:
         print(f"visrl.compare: {exc}", file=sys.stderr)
         return 2
-    print(f"{args.run} - {args.baseline} ({eval_dir}, paired bootstrap over the same questions)")
+    print(f"{args.run}/{evals[1]} - {args.baseline}/{evals[0]} (paired bootstrap over the same questions)")
     print(_table(effects))
     if args.json is not None:
         write_json_atomic(args.json, {"baseline": str(args.baseline), "run": str(args.run),
-                                      "eval": eval_dir, "effects": effects})  # fmt: skip
+                                      "evals": list(evals), "effects": effects})  # fmt: skip
     return 0
 
 
