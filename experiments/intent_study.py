@@ -31,7 +31,8 @@ ARMS: dict[str, list[str]] = {
     "ftx_only": ["experiment=[intent,ablation_ftx_only]"],
     "dpo_only": ["experiment=[intent,ablation_dpo_only]"],
     "shuffled_scores": ["experiment=[intent,ablation_shuffled_scores]"],
-    "sft_pool": ["experiment=[intent,ablation_sft_pool]"],
+    # the supervised upper bound on the same budget: the SFT split + 3 iterations x filter.max_pairs (1536)
+    "sft_pool": ["experiment=[intent,ablation_sft_pool]", "data.sizes.sft=4864"],
     "shared_patterns": ["experiment=intent_shared_patterns"],
 }
 CONTROLS = ("ftx_only", "dpo_only", "shuffled_scores", "sft_pool")  # read against the intent arm
