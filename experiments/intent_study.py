@@ -94,7 +94,9 @@ def control_rows(out: Path, seeds: list[int], arms: list[str]) -> list[str]:
                 continue
             effects = compare_runs(a, b)[1]  # each run's final evaluation (sft_pool: its SFT model)
             rows.append(
-                f"| intent − {control} | {seed} | " + " | ".join(_fmt(effects[m]) for m in METRICS) + " |"
+                f"| intent − {control} | {seed} | "
+                + " | ".join(_fmt(effects[m]) if m in effects else "-" for m in METRICS)
+                + " |"
             )
     return rows
 
