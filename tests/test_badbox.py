@@ -10,7 +10,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from visrl.data.boxes import Box, GridFormat, iou
+from visrl.data.box_formats import GridFormat
+from visrl.data.boxes import Box, iou
 from visrl.rollout.badbox import format_snap, maybe_replace_bad, overlaps, random_disjoint_box
 
 torch.set_num_threads(1)

@@ -36,7 +36,7 @@ from PIL import Image
 
 import visrl.pipeline as pipeline
 from visrl.benchmarks.skills import evaluate_base
-from visrl.data.boxes import GridFormat
+from visrl.data.box_formats import GridFormat
 from visrl.data.hashing import cache_key
 from visrl.data.prompts import IMAGE_MARKER, VISRL_SUFFIX, Prompt, PromptTemplates
 from visrl.data.records import VISCOT_SUFFIX
@@ -197,7 +197,7 @@ def plain_material() -> dict:
     model = {
         "_target_": "visrl.models.tiny.build_tiny",
         "text_hidden": 32,
-        "box_format": {"_target_": "visrl.data.boxes.GridFormat", "grid": 4},
+        "box_format": {"_target_": "visrl.data.box_formats.GridFormat", "grid": 4},
     }
     schedule = {"epochs": 1, "optimizer": {"lr": 2e-3, "_partial_": True}}
     return key_material(model, WorldConfig(), SKILLS, schedule)

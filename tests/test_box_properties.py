@@ -16,16 +16,15 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from visrl.benchmarks.viscot import FULL_IMAGE, read_box
-from visrl.data.boxes import (
+from visrl.data.box_formats import (
     BoxFormat,
     GridFormat,
     ParseFailure,
     Qwen2VLFormat,
     Qwen25VLFormat,
     SqFloatFormat,
-    crop_square,
-    crop_tight,
 )
+from visrl.data.boxes import crop_square, crop_tight
 from visrl.data.errors import InputError
 from visrl.data.records import VisCoTRecord, make_viscot_record
 

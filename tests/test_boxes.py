@@ -1,4 +1,4 @@
-"""Tests for visrl.data.boxes: frames, IoU, crops, and the BoxFormat text formats."""
+"""Tests for visrl.data.boxes (frames, IoU, crops) and visrl.data.box_formats (the BoxFormat text formats)."""
 
 from __future__ import annotations
 
@@ -11,14 +11,16 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from visrl.data.boxes import (
-    Box,
+from visrl.data.box_formats import (
     BoxFormat,
     GridFormat,
     ParseFailure,
     Qwen2VLFormat,
     Qwen25VLFormat,
     SqFloatFormat,
+)
+from visrl.data.boxes import (
+    Box,
     crop_square,
     crop_tight,
     enforce_min_size,
@@ -463,9 +465,9 @@ def test_parse_random_text_never_raises(fmt: BoxFormat, text: str, size: tuple[i
 
 def test_formats_hydra_and_pickle() -> None:
     instantiate = pytest.importorskip("hydra.utils").instantiate
-    fmt = instantiate({"_target_": "visrl.data.boxes.Qwen25VLFormat", "resized_size": [56, 56]})
+    fmt = instantiate({"_target_": "visrl.data.box_formats.Qwen25VLFormat", "resized_size": [56, 56]})
     assert fmt.resized_size == (56, 56) and fmt.resized((640, 480)) == (56, 56)
-    assert instantiate({"_target_": "visrl.data.boxes.GridFormat", "grid": 4}) == GridFormat(4)
+    assert instantiate({"_target_": "visrl.data.box_formats.GridFormat", "grid": 4}) == GridFormat(4)
     for f in [*FORMATS, fmt]:
         assert isinstance(f, BoxFormat)
         assert pickle.loads(pickle.dumps(f)) == f

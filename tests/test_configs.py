@@ -221,7 +221,7 @@ def test_real_backbone_on_the_toy_task_and_without_the_recipe(model: str) -> Non
     assert toy.sft.lora is True and missing_keys(toy) == set()
     plain = compose_cfg(f"model={model}", "recipe=none")
     assert plain.sft.lora is False and plain.hydra.runtime.choices.scorer == "self"
-    assert plain.model.hf_id and plain.model.box_format._target_.startswith("visrl.data.boxes.")
+    assert plain.model.hf_id and plain.model.box_format._target_.startswith("visrl.data.box_formats.")
 
 
 def test_default_composes_as_before_the_bases() -> None:
@@ -234,7 +234,7 @@ def test_default_composes_as_before_the_bases() -> None:
         "kv_heads": None, "intermediate": None, "vision_hidden": 64, "vision_layers": 1, "patch_size": 8,
         "merge_size": 2, "image_size": 64, "abs_pos_embed": True, "abs_pos_grid": 4, "abs_pos_std": 0.15,
         "vocab_size": 512, "seed": "${seed}", "dtype": "float32",
-        "box_format": {"_target_": "visrl.data.boxes.GridFormat", "grid": 4},
+        "box_format": {"_target_": "visrl.data.box_formats.GridFormat", "grid": 4},
         "lora": {"r": 8, "alpha": 16, "dropout": 0.0, "target_regex": None},
     }  # fmt: skip
     assert (cfg.trainer.accelerator, cfg.trainer.precision, cfg.seed) == ("auto", "32-true", 0)

@@ -19,7 +19,8 @@ from PIL import Image
 from visrl.benchmarks.synthetic import SyntheticBenchmark
 from visrl.benchmarks.viscot import VisCoTBenchmark
 from visrl.benchmarks.vstar import VStarBenchmark
-from visrl.data.boxes import SqFloatFormat, from_px, sq_text
+from visrl.data.box_formats import SqFloatFormat
+from visrl.data.boxes import from_px, sq_text
 from visrl.data.errors import InputError
 from visrl.data.prompts import REFERENCE
 from visrl.data.records import make_viscot_record, read_det, read_viscot
@@ -213,7 +214,7 @@ def test_vstar_survives_a_bad_image_and_a_bad_annotation(tmp_path: Path) -> None
 def test_synthetic_skips_a_missing_image(tmp_path: Path) -> None:
     from types import SimpleNamespace
 
-    from visrl.data.boxes import GridFormat
+    from visrl.data.box_formats import GridFormat
     from visrl.data.records import write_viscot
 
     recs = []

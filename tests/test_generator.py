@@ -16,7 +16,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from visrl.data.boxes import GridFormat
+from visrl.data.box_formats import GridFormat
 from visrl.data.prompts import PromptTemplates
 from visrl.data.records import read_viscot
 from visrl.data.synthetic import PATTERNS, SplitSizes, SyntheticDataset

@@ -27,7 +27,8 @@ import pytest
 
 from visrl.benchmarks.intent import Referents, landed_on, load_referents
 from visrl.benchmarks.synthetic import SyntheticBenchmark
-from visrl.data.boxes import Box, GridFormat, from_px
+from visrl.data.box_formats import GridFormat
+from visrl.data.boxes import Box, from_px
 from visrl.data.images import load_rgb, resolve, to_view
 from visrl.data.prompts import PromptTemplates
 from visrl.data.records import read_viscot

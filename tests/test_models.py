@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from visrl.data.boxes import GridFormat
+from visrl.data.box_formats import GridFormat
 from visrl.data.prompts import Message, user
 from visrl.models.backbone import apply_lora, load_backbone, merge_lora
 from visrl.models.encoding import IGNORE_INDEX
@@ -423,3 +423,12 @@ def test_load_pretrained_reads_a_checkpoint_directory(family, hf_id, tmp_path):
         )
     real.save(tmp_path / "saved")
     assert load_backbone(tmp_path / "saved").spec["hf_id"] == hf_id
+
+
+def test_box_formats_of_earlier_saves_still_load() -> None:
+    """backbone.json written before the formats moved to visrl.data.box_formats names visrl.data.boxes."""
+    from visrl.data.box_formats import GridFormat
+    from visrl.models.backbone import box_format_spec, build_box_format
+
+    assert build_box_format(box_format_spec(GridFormat(grid=4))) == GridFormat(grid=4)
+    assert build_box_format({"_target_": "visrl.data.boxes.GridFormat", "grid": 4}) == GridFormat(grid=4)

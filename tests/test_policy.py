@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from visrl.data.boxes import GridFormat
+from visrl.data.box_formats import GridFormat
 from visrl.data.prompts import Message, user
 from visrl.models.backbone import apply_lora
 from visrl.models.encoding import IGNORE_INDEX, EncodedPrompt

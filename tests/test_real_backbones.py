@@ -16,7 +16,8 @@ import pytest
 import torch
 from PIL import Image
 
-from visrl.data.boxes import Box, Qwen2VLFormat, Qwen25VLFormat, SqFloatFormat
+from visrl.data.box_formats import Qwen2VLFormat, Qwen25VLFormat, SqFloatFormat
+from visrl.data.boxes import Box
 from visrl.data.prompts import Message, user
 from visrl.models.backbone import Backbone, apply_lora, load_backbone
 from visrl.models.logprobs import sequence_logps

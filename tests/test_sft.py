@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from visrl.data.boxes import GridFormat
+from visrl.data.box_formats import GridFormat
 from visrl.data.errors import InputError
 from visrl.data.images import crop_view, load_rgb, resolve, to_view
 from visrl.data.prompts import PromptTemplates

@@ -39,7 +39,8 @@ from PIL import Image
 
 from visrl.benchmarks.effects import bootstrap_ci
 from visrl.benchmarks.synthetic import FULL, SyntheticBenchmark
-from visrl.data.boxes import Box, GridFormat
+from visrl.data.box_formats import GridFormat
+from visrl.data.boxes import Box
 from visrl.data.images import crop_view
 from visrl.data.prompts import Prompt, PromptTemplates
 from visrl.data.records import make_viscot_record, write_viscot

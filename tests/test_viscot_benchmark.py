@@ -28,7 +28,8 @@ from visrl.benchmarks.viscot import (
     read_box,
     resolve_image,
 )
-from visrl.data.boxes import GridFormat, Qwen2VLFormat, SqFloatFormat, sq_text
+from visrl.data.box_formats import GridFormat, Qwen2VLFormat, SqFloatFormat
+from visrl.data.boxes import sq_text
 from visrl.data.errors import InputError
 from visrl.data.prompts import REFERENCE, Prompt
 from visrl.data.records import join_det, read_det, read_viscot

@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from visrl.data.boxes import ParseFailure, SqFloatFormat, crop_square, from_px, from_sq, sq_text, to_px
+from visrl.data.box_formats import ParseFailure, SqFloatFormat
+from visrl.data.boxes import crop_square, from_px, from_sq, sq_text, to_px
 from visrl.data.records import (
     DetRecord,
     VisCoTRecord,

@@ -190,7 +190,7 @@ def test_bad_input_names_the_file(root: Path, tmp_path: Path) -> None:
 
 def test_runs_end_to_end_with_a_real_tiny_policy(root: Path, tmp_path: Path) -> None:
     """Both protocols run with a real tiny backbone: scores are mean log-probs, replies are decoded text."""
-    from visrl.data.boxes import GridFormat
+    from visrl.data.box_formats import GridFormat
     from visrl.models.policy import VLMPolicy
     from visrl.models.tiny import build_tiny
 

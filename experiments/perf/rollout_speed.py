@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from visrl.data.boxes import GridFormat
+from visrl.data.box_formats import GridFormat
 from visrl.data.images import crop_view, load_rgb, resolve, to_view
 from visrl.data.prompts import PromptTemplates
 from visrl.data.records import read_viscot

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import random
 
-from visrl.data.boxes import BoxFormat
+from visrl.data.box_formats import BoxFormat
 from visrl.data.images import crop_view, to_view
 from visrl.data.prompts import PromptTemplates, user
 from visrl.data.skills import BaseSkills, box_text, point_world

@@ -23,9 +23,9 @@ spellings are both tried). Protocol of deepcs233/Visual-CoT (``model_cot_det_loa
    "Average" drops datasets scoring exactly 0; it is reported as ``overall/det_acc_viscot_avg`` beside our
    plain mean ``overall/det_acc``.
 
-Box texts in the Visual-CoT format (:class:`~visrl.data.boxes.SqFloatFormat`) are read exactly as
+Box texts in the Visual-CoT format (:class:`~visrl.data.box_formats.SqFloatFormat`) are read exactly as
 published (:func:`parse_published`: unclamped, unordered). Departures: other backbones' formats (Qwen,
-grid) are read with their :class:`~visrl.data.boxes.BoxFormat` and converted to the sq frame;
+grid) are read with their :class:`~visrl.data.box_formats.BoxFormat` and converted to the sq frame;
 ``prompt_style="templates"`` replaces both prompts with the policy's training ``PromptTemplates`` (box
 prompt, then answer prompt with image + crop) for models not trained on the Visual-CoT wording; tiny
 backbones see images and crops through ``to_view``; a judge reply of ``"score: 0.8."`` scores 0.8.
@@ -48,7 +48,8 @@ from visrl.benchmarks.judge import Judge, JudgeRequest, build_judge, judge_answe
 from visrl.benchmarks.metrics import anls, exact_match
 from visrl.benchmarks.viscot_data import ViscotItem, load_dataset, load_items, open_image, resolve_image
 from visrl.benchmarks.viscot_metrics import GROUPS, MEANS, SCORED_DATASETS, aggregate, results_markdown
-from visrl.data.boxes import Box, BoxFormat, ParseFailure, SqFloatFormat, crop_square, from_sq, iou, to_sq
+from visrl.data.box_formats import BoxFormat, ParseFailure, SqFloatFormat
+from visrl.data.boxes import Box, crop_square, from_sq, iou, to_sq
 from visrl.data.images import to_view
 from visrl.data.io import write_text_atomic
 from visrl.data.prompts import Message, Prompt, PromptTemplates, fill, user

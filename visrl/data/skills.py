@@ -27,7 +27,7 @@ import random
 from dataclasses import dataclass
 from typing import Any
 
-from visrl.data.boxes import BoxFormat
+from visrl.data.box_formats import BoxFormat
 from visrl.data.images import crop_view, to_view
 from visrl.data.prompts import Prompt, PromptTemplates, user
 from visrl.data.rows import Row

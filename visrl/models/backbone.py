@@ -68,7 +68,7 @@ class Backbone:
     name: str
     model: PreTrainedModel
     encoder: Encoder  # a visrl.models.encoding.VLMEncoder
-    box_format: Any  # visrl.data.boxes.BoxFormat (None only in low-level tests)
+    box_format: Any  # visrl.data.box_formats.BoxFormat (None only in low-level tests)
     image_size: int | None  # side the pipeline resizes images and crops to; None keeps them as they are
     family: str = ""  # a key of visrl.models.families.FAMILIES
     spec: dict[str, Any] = field(default_factory=dict)  # builder and its arguments (backbone.json)
@@ -137,13 +137,17 @@ def box_format_spec(box_format: Any) -> dict[str, Any] | None:
     return {"_target_": f"{cls.__module__}.{cls.__qualname__}", **kwargs}
 
 
+# saved by an earlier layout: the formats lived in visrl.data.boxes before visrl.data.box_formats existed
+MOVED_MODULES = {"visrl.data.boxes": "visrl.data.box_formats"}
+
+
 def build_box_format(spec: dict[str, Any] | None) -> Any:
-    """Inverse of :func:`box_format_spec`."""
+    """Inverse of :func:`box_format_spec` (also for models saved before a format's module moved)."""
     if spec is None:
         return None
     spec = dict(spec)
     module, _, name = spec.pop("_target_").rpartition(".")
-    return getattr(importlib.import_module(module), name)(**spec)
+    return getattr(importlib.import_module(MOVED_MODULES.get(module, module)), name)(**spec)
 
 
 def _save_plain(model: PreTrainedModel, out: Path) -> None:

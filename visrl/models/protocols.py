@@ -12,7 +12,7 @@ from typing import Any, Protocol
 
 from torch import Tensor, nn
 
-from visrl.data.boxes import BoxFormat
+from visrl.data.box_formats import BoxFormat
 from visrl.data.prompts import Prompt
 
 __all__ = ["BackboneView", "Encoder", "Policy"]

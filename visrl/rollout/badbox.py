@@ -12,7 +12,7 @@ deliberate departures from the reference code:
 * **Stays in the image.** Sizes are clipped to ``[min_size, 1]`` before the position is drawn uniformly
   in ``[0, 1 - w] x [0, 1 - h]``; the reference lets the width exceed 1 (negative ``x1``) and go to 0.
 * **Snapping.** ``snap`` maps a candidate to what the backbone can actually write (e.g. the covering
-  cells of :class:`~visrl.data.boxes.GridFormat`, see :func:`format_snap`); zero overlap is checked
+  cells of :class:`~visrl.data.box_formats.GridFormat`, see :func:`format_snap`); zero overlap is checked
   *after* snapping, so the box the model is trained on really is disjoint from ``good``.
 * **Frames.** IoU is the canonical per-axis IoU (:func:`visrl.data.boxes.iou`), not the reference's
   mixed frame (boxes normalised to the square-padded image on one side, to the raw image on the other).
@@ -30,7 +30,8 @@ from typing import NamedTuple
 
 import numpy as np
 
-from visrl.data.boxes import Box, BoxFormat, Size, iou
+from visrl.data.box_formats import BoxFormat
+from visrl.data.boxes import Box, Size, iou
 
 __all__ = ["BadBox", "Rng", "Snap", "format_snap", "maybe_replace_bad", "overlaps", "random_disjoint_box"]
 

@@ -43,7 +43,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from visrl.data.boxes import Box, BoxFormat, Size
+from visrl.data.box_formats import BoxFormat
+from visrl.data.boxes import Box, Size
 from visrl.data.hashing import text_sha256
 from visrl.data.images import crop_view, load_rgb, resolve, to_view
 from visrl.data.io import append_lines

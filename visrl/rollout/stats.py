@@ -17,7 +17,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from visrl.data.boxes import Box, ParseFailure, iou
+from visrl.data.box_formats import ParseFailure
+from visrl.data.boxes import Box, iou
 from visrl.data.records import VisCoTRecord
 from visrl.rollout.candidates import Candidate
 from visrl.rollout.filter import FilterDecision, count_reasons
