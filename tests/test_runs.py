@@ -168,3 +168,33 @@ def test_lock_wait_is_immediate(tmp_path: Path) -> None:
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_cache_lock_makes_a_second_builder_wait(tmp_path: Path) -> None:
+    """Two builders of one cache entry: the second enters only after the first has left (a sweep's
+    parallel jobs of one seed build the base model once); a multi-process run's ranks never wait."""
+    import threading
+    import time
+
+    from visrl.runs import cache_lock
+
+    order: list[str] = []
+    inside = threading.Event()
+
+    def first() -> None:
+        with cache_lock(tmp_path / "key.lock", single_process=True):
+            inside.set()
+            time.sleep(0.3)
+            order.append("first leaves")
+
+    thread = threading.Thread(target=first)
+    thread.start()
+    inside.wait(5)
+    with cache_lock(tmp_path / "key.lock", single_process=True):
+        order.append("second enters")
+    thread.join()
+    assert order == ["first leaves", "second enters"]
+    held, rank = tmp_path / "key.lock", tmp_path / "key.lock"
+    with cache_lock(held, single_process=True), cache_lock(rank, single_process=False):  # a rank: no wait
+        order.append("rank enters")
+    assert order[-1] == "rank enters"

@@ -42,7 +42,7 @@ from visrl.models.backbone import Backbone, apply_lora, freeze_vision, load_back
 from visrl.models.frozen import frozen_policy
 from visrl.models.placement import place
 from visrl.models.policy import VLMPolicy
-from visrl.runs import RunDir, RunLock
+from visrl.runs import RunDir, RunLock, cache_lock
 from visrl.summary import flat_numbers, write_final_files
 from visrl.training.base_prep import cached_base, key_material
 from visrl.training.datamodules import RowsDataModule
@@ -125,26 +125,27 @@ def prepare_base(cfg: DictConfig, backbone: Backbone, templates, logger) -> Back
     material = key_material(OmegaConf.to_container(cfg.model, resolve=True), world, skills, schedule)
     root = Path(cfg.paths.cache_dir) / "base"
     key = cache_key(material)
-    hit = cached_base(root, key)
-    if hit is not None:
-        log.info("base model: cache hit %s", hit)
-        if logger is not None:
-            logger.log_iteration(0, read_json(hit / "skills.json"))
-        return load_backbone(hit / "model")
-    log.info("base model: preparing %s (cached afterwards)", root / key)
-    rows = base_rows(world, skills, backbone, templates)
-    train_rows(cfg.base, backbone, rows, root / key, logger, cfg, phase="base")
+    single = cfg.trainer.get("devices", 1) in (1, "1") and int(cfg.trainer.get("num_nodes", 1)) == 1
+    with cache_lock(root / f"{key}.lock", single):  # parallel jobs of one recipe: one builds, others wait
+        if (hit := cached_base(root, key)) is not None:
+            log.info("base model: cache hit %s", hit)
+            if logger is not None:
+                logger.log_iteration(0, read_json(hit / "skills.json"))
+            return load_backbone(hit / "model")
+        log.info("base model: preparing %s (cached afterwards)", root / key)
+        rows = base_rows(world, skills, backbone, templates)
+        train_rows(cfg.base, backbone, rows, root / key, logger, cfg, phase="base")
 
-    def save() -> None:
-        skills_metrics = evaluate_base(VLMPolicy(backbone, batch_size=64), world, skills, templates)
-        if logger is not None:
-            logger.log_iteration(0, skills_metrics)  # e.g. base/locate, base/read: what the base model can do
-        write_json_atomic(root / key / "skills.json", skills_metrics)
-        backbone.save(root / key / "model")
-        write_json_atomic(root / key / "key.json", material)
-        (root / key / "DONE").touch()
+        def save() -> None:
+            skills_metrics = evaluate_base(VLMPolicy(backbone, batch_size=64), world, skills, templates)
+            if logger is not None:
+                logger.log_iteration(0, skills_metrics)  # e.g. base/locate, base/read: what the base can do
+            write_json_atomic(root / key / "skills.json", skills_metrics)
+            backbone.save(root / key / "model")
+            write_json_atomic(root / key / "key.json", material)
+            (root / key / "DONE").touch()
 
-    on_rank_zero(save)
+        on_rank_zero(save)
     return backbone
 
 

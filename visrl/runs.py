@@ -24,7 +24,8 @@ import fcntl
 import logging
 import os
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TypeVar
 
@@ -81,6 +82,27 @@ class RunLock:
         if self._fd is not None:
             os.close(self._fd)  # closing the descriptor releases the lock
             self._fd = None
+
+
+@contextmanager
+def cache_lock(path: Path, single_process: bool) -> Iterator[None]:
+    """Hold an exclusive, BLOCKING ``flock`` on ``path`` while a shared cache entry is checked and built.
+
+    Parallel jobs on one machine (a sweep's jobs, the arms of one seed in a study) share the base-model cache:
+    without the lock two of them would build the same entry at once, both writing its files. With it the
+    second waits and then finds the entry finished. Only for ``single_process`` runs: the ranks of a
+    multi-process run build together (their collectives), so none of them may wait on a lock.
+    """
+    if not single_process:
+        yield
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing the descriptor releases the lock
 
 
 def save_trainable(model: nn.Module, path: Path) -> None:
