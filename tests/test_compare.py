@@ -51,20 +51,24 @@ def test_a_run_against_itself_and_a_hand_edited_copy(tiny_run: Path, tmp_path: P
 def test_runs_on_different_questions_are_refused_in_one_line(tiny_run: Path, tmp_path: Path, capsys) -> None:
     other = _copy(tiny_run, tmp_path / "other")
     cfg = yaml.safe_load((other / "config.yaml").read_text())
-    cfg["seed"] = cfg["seed"] + 1
+    cfg["data"]["seed"] = cfg["data"]["seed"] + 1
     (other / "config.yaml").write_text(yaml.safe_dump(cfg))
     assert main([str(tiny_run), str(other)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "different questions" in err[0] and "seed" in err[0]
+    assert len(err) == 1 and "different questions" in err[0] and "data.seed" in err[0]
     assert main([str(tiny_run), str(tiny_run), "--eval", "iter_9/eval"]) == 2
     assert "iter_9/eval: no finished evaluation" in capsys.readouterr().err
 
 
 def test_config_difference_names_the_first_differing_key() -> None:
-    a = OmegaConf.create({"seed": 0, "data": {"world": {"n_objects": 3}}, "benchmark": {"split": "test"}})
-    b = OmegaConf.create({"seed": 0, "data": {"world": {"n_objects": 4}}, "benchmark": {"split": "test"}})
-    assert config_difference(a, a) is None
-    assert config_difference(a, b) == "data.world.n_objects: 3 vs 4"
+    def cfg(n_objects: int = 3, sft: int = 256, root: str = "/a") -> OmegaConf:
+        return OmegaConf.create({"seed": 0, "data": {"seed": 0, "root": root, "world": {"n_objects": n_objects},
+                                 "sizes": {"sft": sft, "test": 384}}, "benchmark": {"split": "test"}})  # fmt: skip
+
+    assert config_difference(cfg(), cfg()) is None
+    assert config_difference(cfg(), cfg(n_objects=4)) == "data.world.n_objects: 3 vs 4"
+    # the training split's size and the cache path do not change the evaluated questions
+    assert config_difference(cfg(), cfg(sft=4864, root="/b")) is None
 
 
 def test_the_cli_prints_a_table_and_writes_json(tiny_run: Path, tmp_path: Path, capsys) -> None:

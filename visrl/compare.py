@@ -5,8 +5,9 @@ difference per question, not two separate intervals: this prints the benchmark's
 (:meth:`Benchmark.paired_effect`, 95 % interval) of ``RUN - BASELINE`` for the headline metrics (the
 synthetic benchmark: ``cot_pred`` accuracy and detection, ``intent/named_hit`` and ``intent/swap_follow``).
 
-Both runs must have evaluated the same questions: their ``data`` and ``benchmark`` config sections must
-be equal, else one line names the first key that differs (e.g. ``seed``, ``data.world.n_objects``).
+Both runs must have evaluated the same questions: the config keys that decide them (:data:`SAME`: the
+benchmark, and for generated data its seed, world and held-out sizes; not the training splits' sizes nor
+cache paths) must be equal, else one line names the first key that differs (e.g. ``data.seed``).
 By default each run's final evaluation is used (``iter_3/eval``; ``sft/eval`` for an SFT-only run such as
 the supervised upper bound), so the final models are compared; ``--eval iter_1/eval`` picks the same folder
 in both. ``--json FILE`` also writes the effects.
@@ -27,7 +28,9 @@ from visrl.data.io import write_json_atomic
 
 __all__ = ["compare_runs", "config_difference", "final_eval", "main"]
 
-SAME = ("seed", "data", "benchmark")  # what decides the questions and how they are scored
+# what decides the evaluated questions and how they are scored (the synthetic splits are drawn each from its
+# own seed, so the SFT and RL sizes do not change the val and test questions)
+SAME = ("data._target_", "data.seed", "data.world", "data.sizes.test", "data.sizes.val", "benchmark")
 
 
 def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
@@ -41,12 +44,12 @@ def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
 
 def config_difference(a: DictConfig, b: DictConfig, keys: Sequence[str] = SAME) -> str | None:
     """The first dotted key under ``keys`` whose value differs between two run configs, else None."""
+    flat = [_flatten(OmegaConf.to_container(c, resolve=True)) for c in (a, b)]
     for key in keys:
-        flat_a = _flatten({key: OmegaConf.to_container(a, resolve=True).get(key)})
-        flat_b = _flatten({key: OmegaConf.to_container(b, resolve=True).get(key)})
-        for name in sorted(set(flat_a) | set(flat_b)):
-            if flat_a.get(name) != flat_b.get(name):
-                return f"{name}: {flat_a.get(name)!r} vs {flat_b.get(name)!r}"
+        names = sorted(n for n in set(flat[0]) | set(flat[1]) if n == key or n.startswith(f"{key}."))
+        for name in names:
+            if flat[0].get(name) != flat[1].get(name):
+                return f"{name}: {flat[0].get(name)!r} vs {flat[1].get(name)!r}"
     return None
 
 
