@@ -23,7 +23,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from visrl.compare import compare_runs  # noqa: E402 (after the path set-up)
+from visrl.compare import compare_runs, format_effect  # noqa: E402 (after the path set-up)
 
 # arm -> the experiment presets it composes (every arm on the intent task, the same pairs budget)
 ARMS: dict[str, list[str]] = {
@@ -56,11 +56,6 @@ def launch(out: Path, arm: str, seed: int, split: str) -> tuple[str, int, int]:
     return arm, seed, code
 
 
-def _fmt(e: dict) -> str:
-    lo, hi = e["ci95"]
-    return f"{100 * e['diff']:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}]"
-
-
 def arm_rows(out: Path, arm: str, seeds: list[int]) -> list[str]:
     """Per seed: SFT -> each iteration of ``cot_pred/accuracy``, and the final metrics with their effect."""
     rows = []
@@ -76,7 +71,7 @@ def arm_rows(out: Path, arm: str, seeds: list[int]) -> list[str]:
         pairs = [str(int(it["metrics"].get("data/pairs", 0))) for it in summary["iterations"][1:]]
         final = summary["iterations"][-1]["metrics"]
         cells = [
-            f"{final.get(m, float('nan')):.3f} ({_fmt(summary['effect'][m])})" if m in summary.get("effect", {})
+            f"{final.get(m, float('nan')):.3f} ({format_effect(summary['effect'][m])})" if m in summary.get("effect", {})
             else f"{final.get(m, float('nan')):.3f}"
             for m in METRICS
         ]  # fmt: skip
@@ -95,7 +90,7 @@ def control_rows(out: Path, seeds: list[int], arms: list[str]) -> list[str]:
             effects = compare_runs(a, b)[1]  # each run's final evaluation (sft_pool: its SFT model)
             rows.append(
                 f"| intent − {control} | {seed} | "
-                + " | ".join(_fmt(effects[m]) if m in effects else "-" for m in METRICS)
+                + " | ".join(format_effect(effects[m]) if m in effects else "-" for m in METRICS)
                 + " |"
             )
     return rows

@@ -26,7 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from visrl.data.io import write_json_atomic
 
-__all__ = ["compare_runs", "config_difference", "final_eval", "main"]
+__all__ = ["compare_runs", "config_difference", "final_eval", "format_effect", "main"]
 
 # what decides the evaluated questions and how they are scored (the synthetic splits are drawn each from its
 # own seed, so the SFT and RL sizes do not change the val and test questions)
@@ -94,14 +94,16 @@ def compare_runs(
     return evals, benchmark.paired_effect(baseline / evals[0], run / evals[1])
 
 
+def format_effect(effect: dict) -> str:
+    """A paired effect in points: ``+8.3 [+4.7, +12.0]``."""
+    lo, hi = effect["ci95"]
+    return f"{100 * effect['diff']:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}]"
+
+
 def _table(effects: dict[str, dict]) -> str:
     rows = ["| metric | baseline | run | run - baseline [95 % CI] | n |", "|---|---|---|---|---|"]
     for name, e in effects.items():
-        lo, hi = e["ci95"]
-        rows.append(
-            f"| {name} | {e['before']:.3f} | {e['after']:.3f} | "
-            f"{100 * e['diff']:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}] | {e['n']} |"
-        )
+        rows.append(f"| {name} | {e['before']:.3f} | {e['after']:.3f} | {format_effect(e)} | {e['n']} |")
     return "\n".join(rows)
 
 

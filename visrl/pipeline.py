@@ -98,11 +98,8 @@ def _run(cfg: DictConfig, run: RunDir) -> dict[str, Any]:
 def build_backbone(cfg: DictConfig) -> Backbone:
     """The model of ``conf/model`` (a tiny random init or real pretrained weights)."""
     spec = OmegaConf.to_container(cfg.model, resolve=True)
-    for key in (
-        "lora",
-        "is_tiny",
-        "freeze_vision",
-    ):  # pipeline settings of the backbone, not builder arguments
+    pipeline_settings = ("lora", "is_tiny", "freeze_vision")  # of the backbone, not builder arguments
+    for key in pipeline_settings:
         spec.pop(key, None)
     return instantiate(spec, _convert_="all")
 
@@ -118,9 +115,8 @@ def prepare_base(cfg: DictConfig, backbone: Backbone, templates, logger) -> Back
         **OmegaConf.to_container(cfg.base, resolve=True),
         "templates": dataclasses.asdict(templates),
         "trainer": trainer_kwargs(cfg),
-        "vocab": cache_key(
-            backbone.encoder.processor.tokenizer.get_vocab()
-        ),  # the tokenizer is built in code
+        # the tiny tokenizer is built in code, so its vocabulary is part of the recipe
+        "vocab": cache_key(backbone.encoder.processor.tokenizer.get_vocab()),
     }
     material = key_material(OmegaConf.to_container(cfg.model, resolve=True), world, skills, schedule)
     root = Path(cfg.paths.cache_dir) / "base"
@@ -360,24 +356,19 @@ def trainer_kwargs(cfg: DictConfig) -> dict[str, Any]:
     return OmegaConf.to_container(cfg.trainer, resolve=True)
 
 
+def _git(*args: str) -> str:
+    """``git <args>`` in the package's checkout (stripped stdout; "" when git or the checkout is missing)."""
+    try:
+        done = subprocess.run(
+            ["git", *args], capture_output=True, text=True, timeout=10, cwd=Path(__file__).parent
+        )
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    return done.stdout.strip()
+
+
 def save_run_metadata(cfg: DictConfig, out: Path) -> None:
     """The resolved config and the code version, beside every artifact of the run."""
     write_text_atomic(out / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
-    try:
-        sha = subprocess.run(
-            ["git", "rev-parse", "HEAD"],
-            capture_output=True,
-            text=True,
-            timeout=10,
-            cwd=Path(__file__).parent,
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain"],
-            capture_output=True,
-            text=True,
-            timeout=10,
-            cwd=Path(__file__).parent,
-        ).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        sha, dirty = "", ""
+    sha, dirty = _git("rev-parse", "HEAD"), _git("status", "--porcelain")
     write_text_atomic(out / "git_sha.txt", (sha or "unknown") + (" (dirty)" if dirty else "") + "\n")
