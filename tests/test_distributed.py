@@ -36,7 +36,8 @@ from pytorch_lightning.strategies import StrategyRegistry
 from test_generator import FMT, TEMPLATES, FakePolicy, HashCropScorer  # tests/ is on sys.path (rootdir)
 
 from visrl import dist as D
-from visrl.data.records import read_pairs, read_viscot
+from visrl.data.pair_records import read_pairs
+from visrl.data.records import read_viscot
 from visrl.data.rows import StepBucketSampler, pair_batch
 from visrl.data.synthetic import SplitSizes, SyntheticDataset
 from visrl.models.logprobs import sequence_logps

@@ -18,7 +18,8 @@ from test_generator import FMT, TEMPLATES, FakePolicy, HashCropScorer  # tests/ 
 
 from visrl.data.boxes import from_px, iou
 from visrl.data.images import crop_view, load_rgb, resolve, to_view
-from visrl.data.records import read_pairs, read_viscot
+from visrl.data.pair_records import read_pairs
+from visrl.data.records import read_viscot
 from visrl.data.rows import PairBatch, pair_batch
 from visrl.data.synthetic import SplitSizes, SyntheticDataset
 from visrl.models.encoding import IGNORE_INDEX

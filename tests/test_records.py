@@ -1,4 +1,4 @@
-"""Tests for visrl.data.records: VisCoT JSON, detection JSONL, VisRL preference JSON."""
+"""Tests for visrl.data.records (VisCoT JSON, detection JSONL) and visrl.data.pair_records (VisRL preference JSON)."""
 
 from __future__ import annotations
 
@@ -11,19 +11,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from visrl.data.boxes import Box
+from visrl.data.pair_records import PreferenceRecord, make_preference_record, read_pairs, write_pairs
 from visrl.data.records import (
     VISCOT_SUFFIX,
     DetRecord,
-    PreferenceRecord,
     VisCoTRecord,
     join_det,
-    make_preference_record,
     make_viscot_record,
     read_det,
-    read_pairs,
     read_viscot,
     write_det,
-    write_pairs,
     write_viscot,
 )
 

@@ -1,15 +1,14 @@
-"""Records: Visual-CoT benchmark/training JSON, Visual-CoT detection JSONL, VisRL preference JSON.
+"""Records: Visual-CoT benchmark/training JSON and Visual-CoT detection JSONL.
 
-VisRL (paper §3-4) trains on Visual-CoT data (question, ground-truth box, answer) and writes step-level
-preference pairs in LLaMA-Factory's sharegpt ranking layout (``conversations`` + ``chosen`` / ``rejected``
-turns, ``images`` paths); the schemas of each reader are in its docstring.
+VisRL (paper §3-4) trains on Visual-CoT data (question, ground-truth box, answer); the schemas of each reader
+are in its docstring (the preference pairs VisRL writes are :mod:`visrl.data.pair_records`).
 
 Every record keeps the object it was read from (``raw``, key order included) and writers re-emit exactly
 that, so reading and writing a file is lossless (``write_viscot`` with the file's indent reproduces the
-benchmark files byte for byte). The typed fields are views of ``raw``, validated on read: malformed input
-raises :class:`~visrl.data.errors.InputError` (a ``ValueError``), one line naming the file, the record
-index and the field; a file that is not UTF-8 JSON, or empty, is named the same way. New records are built with
-``make_viscot_record`` / ``make_preference_record``, which go through the same validation.
+benchmark files byte for byte). The typed fields are views of ``raw``, validated on read
+(:mod:`visrl.data.fields`): malformed input raises :class:`~visrl.data.errors.InputError` (a ``ValueError``),
+one line naming the file, the record index and the field. New records are built with ``make_viscot_record``,
+which goes through the same validation.
 """
 
 from __future__ import annotations
@@ -17,84 +16,34 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 from visrl.data.boxes import Box, from_px, sq_text
 from visrl.data.errors import InputError
+from visrl.data.fields import (
+    MEMORY,
+    each_row,
+    field_error,
+    get_field,
+    load_json_list,
+    read_text,
+    turn_value,
+    with_extra,
+)
 from visrl.data.io import write_text_atomic
 
 IMAGE_PREFIX = "<image>\n"
 VISCOT_SUFFIX = (
     " Please provide the bounding box coordinate of the region that can help you answer the question better."
 )
-MEMORY = "<memory>"  # the source of records built in memory
 _VISCOT_KEYS = ("dataset", "split", "question_id", "image", "conversations")
-_PREF_KEYS = ("images", "conversations", "chosen_step", "rejected_step", "chosen", "rejected")
 _SUFFIX_RE = re.compile(r"(?P<path>.*)###\[(?P<box>[^\[\]]*)\]", re.DOTALL)
 # Path spellings that differ between a benchmark file and its detection file (visual7w.json says
 # cot/v7w/, visual7w.jsonl says cot/visual7w/).
 _PATH_ALIASES = (("cot/visual7w/", "cot/v7w/"),)
-T = TypeVar("T")
-
-
-def _error(source: str, index: int, fieldname: str, message: str) -> InputError:
-    return InputError(f"{source}: record {index}: field '{fieldname}': {message}")
-
-
-def _get(raw: Mapping[str, Any], key: str, kind: type | tuple[type, ...], source: str, index: int) -> Any:
-    if key not in raw:
-        raise _error(source, index, key, "missing")
-    value = raw[key]
-    if not isinstance(value, kind) or isinstance(value, bool):
-        raise _error(source, index, key, f"expected {kind}, got {type(value).__name__} {value!r:.80}")
-    return value
-
-
-def _turn(turn: Any, role: str, source: str, index: int, fieldname: str) -> str:
-    """The ``value`` of a ``{"from": role, "value": str}`` turn."""
-    if not isinstance(turn, Mapping):
-        raise _error(source, index, fieldname, f"expected a {{'from', 'value'}} object, got {turn!r:.80}")
-    if turn.get("from") != role:
-        raise _error(source, index, f"{fieldname}.from", f"expected {role!r}, got {turn.get('from')!r}")
-    value = turn.get("value")
-    if not isinstance(value, str):
-        raise _error(source, index, f"{fieldname}.value", f"expected a string, got {value!r:.80}")
-    return value
-
-
-def _read_text(path: Path) -> str:
-    """The file's UTF-8 text; a missing, unreadable or non-UTF-8 file is an InputError naming it."""
-    try:
-        return path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise InputError(f"{path}: not a UTF-8 text file (byte {e.start}: {e.reason})") from e
-    except OSError as e:
-        raise InputError(f"{path}: cannot read: {e.strerror or e}") from e
-
-
-def load_json_list(path: Path | str) -> list[Any]:
-    """The JSON list in ``path``; anything else (empty, not JSON, not a list) is an InputError naming it."""
-    path = Path(path)
-    text = _read_text(path)
-    if not text.strip():
-        raise InputError(f"{path}: empty file (expected a JSON list of records)")
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise InputError(f"{path}: not valid JSON: {e}") from e
-    if not isinstance(data, list):
-        raise InputError(f"{path}: expected a JSON list of records, got {type(data).__name__}")
-    return data
-
-
-def _with_extra(base: dict[str, Any], extra: Mapping[str, Any] | None) -> dict[str, Any]:
-    clash = sorted(set(base) & set(extra or {}))
-    if clash:
-        raise ValueError(f"extra keys {clash} would overwrite the record's own fields")
-    return {**base, **(extra or {})}
 
 
 # ------------------------------------------------------------------------------------------ VisCoT JSON
@@ -118,30 +67,31 @@ class VisCoTRecord:
     @classmethod
     def from_raw(cls, raw: Any, source: str = MEMORY, index: int = -1) -> VisCoTRecord:
         if not isinstance(raw, dict):
-            raise _error(source, index, "<record>", f"expected an object, got {type(raw).__name__}")
-        image = _get(raw, "image", list, source, index)
+            raise field_error(source, index, "<record>", f"expected an object, got {type(raw).__name__}")
+        image = get_field(raw, "image", list, source, index)
         if not 1 <= len(image) <= 2 or not all(isinstance(p, str) for p in image):
-            raise _error(source, index, "image", f"expected 1 or 2 path strings, got {image!r:.120}")
-        turns = _get(raw, "conversations", list, source, index)
+            raise field_error(source, index, "image", f"expected 1 or 2 path strings, got {image!r:.120}")
+        turns = get_field(raw, "conversations", list, source, index)
         if len(turns) != 4:
-            raise _error(source, index, "conversations", f"expected 4 turns, got {len(turns)}")
+            raise field_error(source, index, "conversations", f"expected 4 turns, got {len(turns)}")
         roles = ("human", "gpt", "human", "gpt")
         values = [
-            _turn(t, r, source, index, f"conversations[{i}]") for i, (t, r) in enumerate(zip(turns, roles))
+            turn_value(t, r, source, index, f"conversations[{i}]")
+            for i, (t, r) in enumerate(zip(turns, roles))
         ]
         prompt = values[0]
         if not (prompt.startswith(IMAGE_PREFIX) and prompt.endswith(VISCOT_SUFFIX)):
-            raise _error(
+            raise field_error(
                 source, index, "conversations[0].value", f"expected '<image>\\n{{question}}{VISCOT_SUFFIX}'"
             )
         if values[2] != "<image>":
-            raise _error(
+            raise field_error(
                 source, index, "conversations[2].value", f"expected '<image>', got {values[2]!r:.80}"
             )
         return cls(
-            dataset=_get(raw, "dataset", str, source, index),
-            split=_get(raw, "split", str, source, index),
-            question_id=_get(raw, "question_id", (int, str), source, index),
+            dataset=get_field(raw, "dataset", str, source, index),
+            split=get_field(raw, "split", str, source, index),
+            question_id=get_field(raw, "question_id", (int, str), source, index),
             image_path=image[0],
             box_px=_suffix_box(image[1], source, index) if len(image) == 2 else None,
             question=prompt[len(IMAGE_PREFIX) : len(prompt) - len(VISCOT_SUFFIX)],
@@ -170,13 +120,17 @@ class VisCoTRecord:
 def _suffix_box(entry: str, source: str, index: int) -> tuple[float, float, float, float]:
     match = _SUFFIX_RE.fullmatch(entry)
     if match is None:
-        raise _error(source, index, "image[1]", f"expected 'path###[x1, y1, x2, y2]', got {entry!r:.120}")
+        raise field_error(
+            source, index, "image[1]", f"expected 'path###[x1, y1, x2, y2]', got {entry!r:.120}"
+        )
     try:
         values = [float(v) for v in match.group("box").split(",")]
     except ValueError:
         values = []
     if len(values) != 4 or not all(math.isfinite(v) for v in values):
-        raise _error(source, index, "image[1]", f"expected 4 finite numbers after ###, got {entry!r:.120}")
+        raise field_error(
+            source, index, "image[1]", f"expected 4 finite numbers after ###, got {entry!r:.120}"
+        )
     return tuple(int(v) if v.is_integer() else v for v in values)  # type: ignore[return-value]
 
 
@@ -186,21 +140,11 @@ def read_viscot(path: str | Path) -> list[VisCoTRecord]:
     return [VisCoTRecord.from_raw(raw, str(path), i) for i, raw in enumerate(load_json_list(path))]
 
 
-def _each(parse: Callable[[Any, int], T], raws: Sequence[Any]) -> list[T | InputError]:
-    out: list[T | InputError] = []
-    for i, raw in enumerate(raws):
-        try:
-            out.append(raw if isinstance(raw, InputError) else parse(raw, i))
-        except InputError as e:
-            out.append(e)
-    return out
-
-
 def read_viscot_rows(path: str | Path) -> list[VisCoTRecord | InputError]:
     """:func:`read_viscot` for evaluation: a record that cannot be used is its :class:`InputError` in
     place (so one bad record costs one question); a file that is not a JSON list still raises."""
     path = Path(path)
-    return _each(lambda raw, i: VisCoTRecord.from_raw(raw, str(path), i), load_json_list(path))
+    return each_row(lambda raw, i: VisCoTRecord.from_raw(raw, str(path), i), load_json_list(path))
 
 
 def write_viscot(records: Iterable[VisCoTRecord], path: str | Path, indent: int | None = 4) -> None:
@@ -248,7 +192,7 @@ def make_viscot_record(
         "image": image,
         "conversations": turns,
     }
-    return VisCoTRecord.from_raw(_with_extra(base, extra))
+    return VisCoTRecord.from_raw(with_extra(base, extra))
 
 
 # ------------------------------------------------------------------------------------------ VisCoT det
@@ -270,22 +214,22 @@ class DetRecord:
     @classmethod
     def from_raw(cls, raw: Any, source: str = MEMORY, index: int = -1) -> DetRecord:
         if not isinstance(raw, dict):
-            raise _error(source, index, "<record>", f"expected an object, got {type(raw).__name__}")
-        bbox = _get(raw, "bbox", list, source, index)
+            raise field_error(source, index, "<record>", f"expected an object, got {type(raw).__name__}")
+        bbox = get_field(raw, "bbox", list, source, index)
         ok = all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in bbox)
         if len(bbox) != 4 or not ok:
-            raise _error(source, index, "bbox", f"expected 4 finite numbers, got {bbox!r:.120}")
-        width, height = (_get(raw, k, int, source, index) for k in ("width", "height"))
+            raise field_error(source, index, "bbox", f"expected 4 finite numbers, got {bbox!r:.120}")
+        width, height = (get_field(raw, k, int, source, index) for k in ("width", "height"))
         if width <= 0 or height <= 0:
-            raise _error(source, index, "width/height", f"must be positive, got {width}x{height}")
+            raise field_error(source, index, "width/height", f"must be positive, got {width}x{height}")
         return cls(
-            img_path=_get(raw, "img_path", str, source, index),
-            expression=_get(raw, "expression", str, source, index),
+            img_path=get_field(raw, "img_path", str, source, index),
+            expression=get_field(raw, "expression", str, source, index),
             bbox=tuple(bbox),  # type: ignore[arg-type]
             width=width,
             height=height,
-            question_id=_get(raw, "question_id", (int, str), source, index),
-            split=_get(raw, "split", str, source, index),
+            question_id=get_field(raw, "question_id", (int, str), source, index),
+            split=get_field(raw, "split", str, source, index),
             raw=raw,
             source=source,
             index=index,
@@ -303,7 +247,7 @@ class DetRecord:
 def _det_raws(path: Path) -> list[Any]:
     """The JSON value of each non-blank line; a line that is not JSON is its InputError in place."""
     raws: list[Any] = []
-    for line_no, line in enumerate(_read_text(path).split("\n"), 1):
+    for line_no, line in enumerate(read_text(path).split("\n"), 1):
         if not line.strip():
             continue
         try:
@@ -316,7 +260,7 @@ def _det_raws(path: Path) -> list[Any]:
 def read_det_rows(path: str | Path) -> list[DetRecord | InputError]:
     """:func:`read_det` with each unusable row as its :class:`InputError` in place."""
     path = Path(path)
-    return _each(lambda raw, i: DetRecord.from_raw(raw, str(path), i), _det_raws(path))
+    return each_row(lambda raw, i: DetRecord.from_raw(raw, str(path), i), _det_raws(path))
 
 
 def read_det(path: str | Path) -> list[DetRecord]:
@@ -360,78 +304,3 @@ def join_det(
                 f"row {row}: {rec_src} image {rec.image_path!r} != {det_src} img_path {det.img_path!r}"
             )
     return list(zip(records, dets))
-
-
-# ------------------------------------------------------------------------------------- VisRL preference
-@dataclass(frozen=True)
-class PreferenceRecord:
-    """One VisRL step-level pair (§3; LLaMA-Factory sharegpt ranking): ``images``, one human turn
-    ``conversations[0]`` (the step-1 prompt), ``chosen_step``/``rejected_step`` (box texts) and
-    ``chosen``/``rejected`` (answers), each ``{"from": "gpt", "value": ...}``. Extra keys are kept."""
-
-    images: tuple[str, ...]
-    prompt: str
-    chosen_step: str
-    rejected_step: str
-    chosen: str
-    rejected: str
-    raw: dict[str, Any] = field(repr=False, hash=False)
-    source: str = field(default=MEMORY, compare=False)
-    index: int = field(default=-1, compare=False)
-
-    @classmethod
-    def from_raw(cls, raw: Any, source: str = MEMORY, index: int = -1) -> PreferenceRecord:
-        if not isinstance(raw, dict):
-            raise _error(source, index, "<record>", f"expected an object, got {type(raw).__name__}")
-        images = _get(raw, "images", list, source, index)
-        if not images or not all(isinstance(p, str) for p in images):
-            raise _error(source, index, "images", f"expected a non-empty list of paths, got {images!r:.120}")
-        turns = _get(raw, "conversations", list, source, index)
-        if len(turns) != 1:
-            raise _error(source, index, "conversations", f"expected 1 human turn, got {len(turns)} turns")
-        steps = {k: _turn(raw.get(k), "gpt", source, index, k) for k in _PREF_KEYS[2:]}
-        return cls(
-            images=tuple(images),
-            prompt=_turn(turns[0], "human", source, index, "conversations[0]"),
-            **steps,
-            raw=raw,
-            source=source,
-            index=index,
-        )
-
-    @property
-    def extra(self) -> dict[str, Any]:
-        """Keys beyond the LLaMA-Factory columns (uid, scores, crop paths, ...)."""
-        return {k: v for k, v in self.raw.items() if k not in _PREF_KEYS}
-
-
-def make_preference_record(
-    *,
-    images: Sequence[str],
-    prompt: str,
-    chosen_step: str,
-    rejected_step: str,
-    chosen: str,
-    rejected: str,
-    extra: Mapping[str, Any] | None = None,
-) -> PreferenceRecord:
-    """Build a pair in the VisRL layout; ``extra`` keys are appended and preserved."""
-    gpt = lambda v: {"from": "gpt", "value": v}  # noqa: E731
-    base = {
-        "images": list(images),
-        "conversations": [{"from": "human", "value": prompt}],
-        "chosen_step": gpt(chosen_step),
-        "rejected_step": gpt(rejected_step),
-        "chosen": gpt(chosen),
-        "rejected": gpt(rejected),
-    }
-    return PreferenceRecord.from_raw(_with_extra(base, extra))
-
-
-def read_pairs(path: str | Path) -> list[PreferenceRecord]:
-    path = Path(path)
-    return [PreferenceRecord.from_raw(raw, str(path), i) for i, raw in enumerate(load_json_list(path))]
-
-
-def write_pairs(records: Iterable[PreferenceRecord], path: str | Path, indent: int | None = 2) -> None:
-    write_text_atomic(path, json.dumps([r.raw for r in records], indent=indent, ensure_ascii=False))

@@ -2,7 +2,7 @@
 
 :func:`select_pairs` keeps at most one (chosen, rejected) :class:`Pair` per question with
 :func:`visrl.rollout.filter.select_pair` and saves a PNG crop of both boxes. ``<iter_dir>/pairs.json``
-holds them in VisRL's preference layout (:class:`visrl.data.records.PreferenceRecord`: images, the step-1
+holds them in VisRL's preference layout (:class:`visrl.data.pair_records.PreferenceRecord`: images, the step-1
 human prompt, chosen/rejected box texts, chosen/rejected answers) plus our own keys to rebuild training rows
 exactly (uid, image path and size, both canonical boxes, scores, crop files). ``crops/`` is for inspection:
 training rows re-crop the original image, which gives the same pixels.
@@ -18,8 +18,8 @@ from typing import Any
 
 from visrl.data.boxes import Box, crop_tight
 from visrl.data.images import load_rgb, resolve
+from visrl.data.pair_records import PreferenceRecord, make_preference_record, read_pairs, write_pairs
 from visrl.data.prompts import PromptTemplates
-from visrl.data.records import PreferenceRecord, make_preference_record, read_pairs, write_pairs
 from visrl.rollout.candidates import Candidate
 from visrl.rollout.filter import (
     FilterConfig,
