@@ -26,7 +26,8 @@ import importlib
 from dataclasses import dataclass
 from typing import Any
 
-from visrl.models.encoding import LlavaEncoder, Qwen25Encoder, QwenEncoder, VLMEncoder
+from visrl.models.encoding import VLMEncoder
+from visrl.models.family_encoders import LlavaEncoder, Qwen25Encoder, QwenEncoder
 
 # LoRA on the language model's linear layers only (attention + MLP), never the vision tower: names such as
 # ``q_proj`` or ``gate_proj`` also exist in the Qwen2.5-VL vision MLP, so targets are a path regex.
