@@ -10,7 +10,9 @@ Why: the integration tests (entry point, configs, pipeline, sweeps, W&B readback
 * ``tiny_run``: one ``debug=fast iter=2 logger=csv`` run, shared by every test that only reads a finished
   run directory (the expensive part of the suite is running the pipeline, so it runs once per session).
 * ``judge_server``: scripted OpenAI-compatible servers on 127.0.0.1 for the judge client tests
-  (``tests/judge_server.py``), closed after each test.
+  (``tests/judge_server.py``), closed after each test;
+* one Hypothesis profile without timing checks (no deadline, no ``too_slow`` health check): on shared cores a
+  stalled draw once took 2.3 s and failed a property test that had nothing to do with speed.
 """
 
 from __future__ import annotations
@@ -26,9 +28,13 @@ from typing import TYPE_CHECKING
 
 import pytest
 import torch
+from hypothesis import HealthCheck, settings
 
 if TYPE_CHECKING:
     from judge_server import ScriptedServer, StartServer, Step
+
+settings.register_profile("shared_cores", deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("shared_cores")
 
 REPO = Path(__file__).resolve().parents[1]
 RUN_PY = REPO / "run.py"
