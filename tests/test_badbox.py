@@ -43,7 +43,7 @@ class RecordingRng:
         return lo
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=200)
 @given(good=boxes(), like=boxes(), seed=st.integers(0, 2**32 - 1))
 def test_never_overlaps_and_stays_in_image(good: Box, like: Box, seed: int) -> None:
     bad = random_disjoint_box(good, like, random.Random(seed))
@@ -53,7 +53,7 @@ def test_never_overlaps_and_stays_in_image(good: Box, like: Box, seed: int) -> N
         assert iou(bad, good) == 0.0
 
 
-@settings(max_examples=100, deadline=None)
+@settings(max_examples=100)
 @given(good=boxes(), like=boxes(), seed=st.integers(0, 2**32 - 1))
 def test_deterministic_with_seed(good: Box, like: Box, seed: int) -> None:
     assert random_disjoint_box(good, like, random.Random(seed)) == random_disjoint_box(

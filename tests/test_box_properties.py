@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
@@ -30,7 +30,7 @@ from visrl.data.records import VisCoTRecord, make_viscot_record
 
 FORMATS = [SqFloatFormat(), Qwen2VLFormat(), Qwen25VLFormat(), GridFormat(4)]
 IDS = ["sq", "qwen2vl", "qwen25vl", "grid"]
-PROPS = settings(deadline=None, max_examples=150, database=None, suppress_health_check=[HealthCheck.too_slow])
+PROPS = settings(max_examples=150, database=None)
 
 numbers = st.one_of(
     st.floats(allow_nan=True, allow_infinity=True),

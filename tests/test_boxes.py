@@ -7,7 +7,7 @@ import pickle
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
@@ -39,7 +39,7 @@ from visrl.data.boxes import (
     to_sq,
 )
 
-FAST = settings(deadline=None, max_examples=100, database=None, suppress_health_check=[HealthCheck.too_slow])
+FAST = settings(max_examples=100, database=None)
 FORMATS = [
     SqFloatFormat(),
     Qwen2VLFormat(),
@@ -457,7 +457,7 @@ box_tokens = st.sampled_from(
 
 
 @pytest.mark.parametrize("fmt", FORMATS, ids=FORMAT_IDS)
-@settings(deadline=None, max_examples=200, database=None)
+@settings(max_examples=200, database=None)
 @given(text=st.one_of(st.text(), st.lists(box_tokens, max_size=40).map("".join)), size=sizes)
 def test_parse_random_text_never_raises(fmt: BoxFormat, text: str, size: tuple[int, int]) -> None:
     check_result(fmt.parse(text, size), text)

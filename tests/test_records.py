@@ -113,7 +113,7 @@ def test_make_viscot_record_options() -> None:
         make_viscot_record(**fields, box_text="[0, 0, 1, 1]", extra={"split": "x"})
 
 
-@settings(deadline=None, max_examples=100, database=None)
+@settings(max_examples=100, database=None)
 @given(question=st.text(), answer=st.text(), qid=st.one_of(st.integers(), st.text()))
 def test_make_viscot_record_round_trips_any_text(question: str, answer: str, qid: int | str) -> None:
     r = make_viscot_record(
