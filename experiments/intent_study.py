@@ -119,9 +119,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     out = args.out / args.split
     if args.action == "run":
-        todo = [
-            (arm, seed) for seed in args.seeds for arm in args.arms
-        ]  # seed-major: a seed's base is shared
+        # arm-major: the first arm's runs build their seeds' bases side by side (a base is cached per seed and
+        # world; a second run of the same seed waits on its lock), the later arms reuse them
+        todo = [(arm, seed) for arm in args.arms for seed in args.seeds]
         with ThreadPoolExecutor(args.jobs) as pool:
             codes = list(pool.map(lambda job: launch(out, *job, args.split), todo))
         return int(any(code for _, _, code in codes))
