@@ -47,7 +47,8 @@ def launch(out: Path, arm: str, seed: int, split: str) -> tuple[str, int, int]:
     """One ``run.py`` (its log beside the run directory); returns (arm, seed, exit code)."""
     target = run_dir(out, arm, seed)
     target.parent.mkdir(parents=True, exist_ok=True)
-    args = [*ARMS[arm], f"seed={seed}", f"benchmark.split={split}", "logger=csv", f"hydra.run.dir={target}"]
+    args = [*ARMS[arm], f"seed={seed}", f"benchmark.split={split}", "logger=csv", "threads=1"]
+    args.append(f"hydra.run.dir={target}")  # threads=1: the jobs share the cores
     with open(target.parent / f"seed{seed}.log", "ab") as log:
         code = subprocess.call(
             [sys.executable, str(ROOT / "run.py"), *args], stdout=log, stderr=log, cwd=ROOT

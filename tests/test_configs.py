@@ -230,7 +230,7 @@ def test_default_composes_as_before_the_bases() -> None:
     model = OmegaConf.to_container(cfg.model)
     assert model == {
         "_target_": "visrl.models.tiny.build_tiny", "name": "tiny_qwen2vl", "is_tiny": True,
-        "freeze_vision": True, "family": "qwen2vl", "text_hidden": 64, "text_layers": 2, "heads": 4,
+        "freeze_vision": True, "vision_memo_mb": 1024, "family": "qwen2vl", "text_hidden": 64, "text_layers": 2, "heads": 4,
         "kv_heads": None, "intermediate": None, "vision_hidden": 64, "vision_layers": 1, "patch_size": 8,
         "merge_size": 2, "image_size": 64, "abs_pos_embed": True, "abs_pos_grid": 4, "abs_pos_std": 0.15,
         "vocab_size": 512, "seed": "${seed}", "dtype": "float32",

@@ -64,7 +64,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
 def _run(cfg: DictConfig, run: RunDir) -> dict[str, Any]:
     on_rank_zero(save_run_metadata, cfg, run.root)
-    torch.set_num_threads(int(cfg.threads))
+    if cfg.threads is not None:  # null keeps torch's default
+        torch.set_num_threads(int(cfg.threads))
     pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
     check_config(cfg)
     # the model first: missing real weights stop the run within seconds, before data generation or W&B
@@ -98,7 +99,12 @@ def _run(cfg: DictConfig, run: RunDir) -> dict[str, Any]:
 def build_backbone(cfg: DictConfig) -> Backbone:
     """The model of ``conf/model`` (a tiny random init or real pretrained weights)."""
     spec = OmegaConf.to_container(cfg.model, resolve=True)
-    pipeline_settings = ("lora", "is_tiny", "freeze_vision")  # of the backbone, not builder arguments
+    pipeline_settings = (
+        "lora",
+        "is_tiny",
+        "freeze_vision",
+        "vision_memo_mb",
+    )  # of the backbone, not builder arguments
     for key in pipeline_settings:
         spec.pop(key, None)
     return instantiate(spec, _convert_="all")
@@ -188,7 +194,9 @@ def rl_iterations(cfg, run: RunDir, backbone: Backbone, data, splits, templates,
     if cfg.dpo.lora:
         backbone = apply_lora(backbone, **cfg.model.lora)
     trainable_parts(cfg, backbone)
-    m_org = frozen_policy(backbone, run / "sft" / "model", int(cfg.rollout.batch_size))
+    m_org = frozen_policy(
+        backbone, run / "sft" / "model", int(cfg.rollout.batch_size), vision_memo_bytes(cfg)
+    )
     place(m_org.backbone, trainer_device(cfg))  # a full-fine-tuning M_org is a copy loaded on the CPU
     prefs = build_preference_data(cfg, run.root, splits, data.image_root, templates)
     for k in range(1, int(cfg.iter) + 1):
@@ -242,7 +250,12 @@ def reference_strategy(ref_policy: VLMPolicy, backbone: Backbone):
 def trainable_parts(cfg: DictConfig, backbone: Backbone) -> None:
     """What a stage may train: everything (or the LoRA adapter), minus the vision side if ``model.freeze_vision``."""
     if cfg.model.get("freeze_vision", False):
-        freeze_vision(backbone)
+        freeze_vision(backbone, vision_memo_bytes(cfg))
+
+
+def vision_memo_bytes(cfg: DictConfig) -> int:
+    """``model.vision_memo_mb`` in bytes (0: no memo of the frozen vision side's features)."""
+    return int(cfg.model.get("vision_memo_mb") or 0) << 20
 
 
 def build_preference_data(cfg: DictConfig, out: Path, splits, image_root, templates):

@@ -100,13 +100,14 @@ RULES: dict[str, Rule] = {
     "stage": _one_of("all", "sft", "eval"),
     "iter": _int(0),
     "seed": _int(),
-    "threads": COUNT,
+    "threads": LIMIT,  # null: torch's default
     "save_merged": BOOL,
     "ckpt": Rule("str", nullable=True),
     "fail_after": Rule("str", nullable=True),
     # model (tiny and real)
     "model.freeze_vision": BOOL,
     "model.gradient_checkpointing": BOOL,
+    "model.vision_memo_mb": _int(0),
     "model.min_pixels": _int(1, nullable=True),
     "model.max_pixels": _int(1, nullable=True),
     "model.dtype": _one_of("float32", "bfloat16", "float16"),

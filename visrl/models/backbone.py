@@ -44,6 +44,8 @@ from visrl.models.families import (
 )
 from visrl.models.processors import load_processor, save_processor
 from visrl.models.protocols import Encoder
+from visrl.models.rope_memo import install_rope_memo
+from visrl.models.vision_memo import install_vision_memo
 
 __all__ = [
     "LANGUAGE_MODEL_LORA_REGEX",
@@ -73,6 +75,12 @@ class Backbone:
     family: str = ""  # a key of visrl.models.families.FAMILIES
     spec: dict[str, Any] = field(default_factory=dict)  # builder and its arguments (backbone.json)
     lora: dict[str, Any] | None = None  # default apply_lora settings from the model config
+
+    def __post_init__(self) -> None:
+        # Qwen's M-RoPE positions, once per distinct row (exact: visrl.models.rope_memo)
+        inner = getattr(self.base_model, "model", None) if self.model is not None else None
+        if isinstance(inner, torch.nn.Module):
+            install_rope_memo(inner)
 
     @property
     def fam(self) -> Family:
@@ -302,8 +310,9 @@ def merge_lora(backbone: Backbone) -> Backbone:
     return dataclasses.replace(backbone, model=backbone.model.merge_and_unload())
 
 
-def freeze_vision(backbone: Backbone) -> Backbone:
-    """Freeze the vision tower and its projector/merger (the reference's ``freeze_vision_tower=True``).
+def freeze_vision(backbone: Backbone, memo_bytes: int = 0) -> Backbone:
+    """Freeze the vision tower and its projector/merger (the reference's ``freeze_vision_tower=True``);
+    ``memo_bytes`` > 0 also memoises their per-image features (:mod:`visrl.models.vision_memo`: exact).
 
     For the tiny backbones this also matters for learning: trained jointly from random weights at the language
     model's learning rate, the tower washes out which token holds the object, and grounding never leaves its
@@ -313,4 +322,5 @@ def freeze_vision(backbone: Backbone) -> Backbone:
     inner = backbone.base_model.model
     for name in backbone.fam.vision_modules:
         getattr(inner, name).requires_grad_(False)
+    install_vision_memo(inner, backbone.fam.vision_modules, backbone.fam.pixel_layout, memo_bytes)
     return backbone

@@ -76,6 +76,9 @@ class Family:
     video_processor_type: str | None = (
         None  # the processor's video part (saved so AutoProcessor can build it)
     )
+    # how get_image_features takes several images: "grid" (patch rows concatenated, one image_grid_thw row
+    # each: Qwen) or "stacked" (one image per leading index: LLaVA); see visrl.models.vision_memo
+    pixel_layout: str = "grid"
 
 
 FAMILIES: dict[str, Family] = {
@@ -94,6 +97,7 @@ FAMILIES: dict[str, Family] = {
         id_patterns=("llava",),
         chat_template=LLAVA_TEMPLATE,
         merged_patch_grid=False,
+        pixel_layout="stacked",
         tiny_config="visrl.models.tiny:llava_config",
         tiny_processor="visrl.models.processors:llava_tiny_processor",
     ),

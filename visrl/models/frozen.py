@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from visrl.models.backbone import Backbone, load_backbone
+from visrl.models.backbone import Backbone, freeze_vision, load_backbone
 from visrl.models.policy import VLMPolicy
 
 
@@ -33,10 +33,11 @@ class AdapterDisabledPolicy(VLMPolicy):
             return super().completion_logprobs(*args, **kwargs)
 
 
-def frozen_policy(backbone: Backbone, saved: Path, batch_size: int) -> VLMPolicy:
-    """The frozen starting model as a policy: adapter-disabled under LoRA, else a copy from ``saved``."""
+def frozen_policy(backbone: Backbone, saved: Path, batch_size: int, memo_bytes: int = 0) -> VLMPolicy:
+    """The frozen starting model as a policy: adapter-disabled under LoRA, else a copy from ``saved``
+    (``memo_bytes``: its vision features memoised, :mod:`visrl.models.vision_memo`)."""
     if backbone.is_lora:
         return AdapterDisabledPolicy(backbone, batch_size=batch_size)
     frozen = load_backbone(saved)
     frozen.model.eval().requires_grad_(False)
-    return VLMPolicy(frozen, batch_size=batch_size)
+    return VLMPolicy(freeze_vision(frozen, memo_bytes), batch_size=batch_size)

@@ -97,6 +97,7 @@ def load_pretrained(
     name: str | None = None,
     is_tiny: bool = False,
     freeze_vision: bool = True,  # recorded for the pipeline, which freezes the vision side per stage
+    vision_memo_mb: int = 0,  # likewise: the pipeline memoises the frozen side's features when > 0
     min_pixels: int | None = None,
     max_pixels: int | None = None,
     gradient_checkpointing: bool = False,

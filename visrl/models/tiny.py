@@ -188,6 +188,7 @@ def build_tiny(
     lora: dict[str, Any] | None = None,
     is_tiny: bool = True,
     freeze_vision: bool = False,  # pipeline setting; applied per stage by the pipeline, here on request
+    vision_memo_mb: int = 0,  # with freeze_vision here: the frozen side's features memoised (vision_memo)
     gradient_checkpointing: bool = False,
 ) -> Backbone:
     """Build a randomly initialised tiny backbone of ``family`` (a key of the family table).
@@ -241,7 +242,7 @@ def build_tiny(
     )
     if gradient_checkpointing:
         enable_gradient_checkpointing(model)
-    return _freeze(backbone) if freeze_vision else backbone
+    return _freeze(backbone, vision_memo_mb << 20) if freeze_vision else backbone
 
 
 def _init_model(

@@ -19,12 +19,16 @@ from visrl.data.synthetic import WorldConfig
 __all__ = ["cached_base", "key_material"]
 
 
+# model settings that change how fast the base is built, never what it is (the vision memo is exact)
+SPEED_ONLY = ("vision_memo_mb",)
+
+
 def key_material(
     model_cfg: dict[str, Any], world: WorldConfig, skills: BaseSkills, schedule: dict[str, Any]
 ) -> dict[str, Any]:
     """Everything that determines the base model (hashed by :func:`visrl.data.hashing.cache_key`)."""
     return {
-        "model": model_cfg,
+        "model": {k: v for k, v in model_cfg.items() if k not in SPEED_ONLY},
         "world": asdict(world),
         "skills": asdict(skills),
         "schedule": schedule,
