@@ -25,6 +25,7 @@ from typing import Any
 
 import pytest
 import torch
+import transformers
 import yaml
 from PIL import Image
 
@@ -58,7 +59,10 @@ def stage_weights(path: Path) -> dict[str, torch.Tensor]:
 
 def base_model_dir(run_dir: Path) -> Path:
     """The cached base model this run started from: the cache entry whose key holds the run's model config."""
+    from visrl.training.base_prep import SPEED_ONLY
+
     model_cfg = yaml.safe_load((run_dir / "config.yaml").read_text())["model"]
+    model_cfg = {k: v for k, v in model_cfg.items() if k not in SPEED_ONLY}  # not part of the key
     entries = [
         d for d in (Path(os.environ["VISRL_CACHE"]) / "base").iterdir()
         if (d / "DONE").exists() and read_json(d / "key.json")["model"] == model_cfg
@@ -116,6 +120,8 @@ def test_run_directory_has_every_stage(tiny_run: Path) -> None:
     cfg = yaml.safe_load((tiny_run / "config.yaml").read_text())
     assert cfg["iter"] == 2 and cfg["stage"] == "all" and cfg["paths"]["output_dir"] == str(tiny_run)
     assert (tiny_run / "git_sha.txt").read_text().strip()
+    env = json.loads((tiny_run / "environment.json").read_text())
+    assert env["torch"] == torch.__version__ and env["transformers"] == transformers.__version__
     for plot in ("iterations", "gallery"):
         with Image.open(tiny_run / "plots" / f"{plot}.png") as image:
             assert image.format == "PNG" and min(image.size) > 100

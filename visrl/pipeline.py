@@ -20,7 +20,9 @@ below is skipped when it is already done, so re-running the same command continu
 from __future__ import annotations
 
 import dataclasses
+import importlib.metadata
 import logging
+import platform
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -381,7 +383,23 @@ def _git(*args: str) -> str:
 
 
 def save_run_metadata(cfg: DictConfig, out: Path) -> None:
-    """The resolved config and the code version, beside every artifact of the run."""
+    """The resolved config, the code version and the package versions, beside every artifact of the run
+    (the same code gave other numbers under other package versions: docs/toy-scale-status.md)."""
     write_text_atomic(out / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
     sha, dirty = _git("rev-parse", "HEAD"), _git("status", "--porcelain")
     write_text_atomic(out / "git_sha.txt", (sha or "unknown") + (" (dirty)" if dirty else "") + "\n")
+    write_json_atomic(out / "environment.json", environment())
+
+
+ENV_PACKAGES = ("torch", "transformers", "tokenizers", "peft", "pytorch-lightning", "numpy", "pillow")
+
+
+def environment() -> dict[str, str]:
+    """Python and the versions of the packages that decide a run's numbers."""
+    versions = {"python": platform.python_version()}
+    for name in ENV_PACKAGES:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
