@@ -9,13 +9,15 @@ intention -> region pairs that VisRL avoids annotating:
 * ``read`` (reading a clear view, like OCR pretraining): a close-up of one object + the question about it ->
   the pattern, with the ``direct`` template (also the prompt of the likelihood crop scorer);
 * ``locate`` ("Where is the circle?" among several objects) and ``colour`` ("What colour is the object in
-  [1, 2, 2, 3]?"): referring grounding and region description. Available, but off in the default recipe: a
-  tiny model did not learn them within the CPU budget (docs/toy-scale-status.md).
+  [1, 2, 2, 3]?"): referring grounding and region description, phrased differently from the task's question.
+  Off in the default recipe (its base budget is too small for them); the intent preset trains both, on
+  12,000 scenes x 8 epochs (docs/toy-scale-status.md).
 
-The CoT questions ask for the red object among distractors ("What pattern is on the red object? Please
-provide the bounding box ..."): a prompt the base never saw, on scenes with distractors (the base only points
-at lone objects). So the SFT warm-up starts from a model that can point and read but has to learn from a few
-annotated examples which region a question needs: partial boxes, the room VisRL's self-evolution closes.
+The default task's questions ask for the red object among distractors ("What pattern is on the red object?
+Please provide the bounding box ..."); the intent task's name any object by colour. Either way the prompt is
+one the base never saw, so the SFT warm-up starts from a model that can point (or ground by shape) and read,
+and has to learn from a few annotated examples which region a question needs: partial boxes, the room VisRL's
+self-evolution closes.
 :mod:`visrl.training.base_prep` trains on these rows (cached by configuration) and
 :mod:`visrl.benchmarks.skills` measures the skills. Real backbones skip this stage.
 """
