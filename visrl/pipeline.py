@@ -395,8 +395,10 @@ ENV_PACKAGES = ("torch", "transformers", "tokenizers", "peft", "pytorch-lightnin
 
 
 def environment() -> dict[str, str]:
-    """Python and the versions of the packages that decide a run's numbers."""
-    versions = {"python": platform.python_version()}
+    """Python, the CPU's vector instruction set and the versions of the packages that decide a run's
+    numbers. The CPU matters: the same code, data and initial weights trained a different tiny base on an
+    AVX2 machine than on an AVX-512 one (likely the kernels' float rounding; docs/toy-scale-status.md)."""
+    versions = {"python": platform.python_version(), "cpu": torch.backends.cpu.get_cpu_capability()}
     for name in ENV_PACKAGES:
         try:
             versions[name] = importlib.metadata.version(name)
