@@ -37,6 +37,7 @@ ARMS: dict[str, list[str]] = {
 }
 CONTROLS = ("ftx_only", "dpo_only", "shuffled_scores", "sft_pool")  # read against the intent arm
 METRICS = ("cot_pred/accuracy", "cot_pred/det_acc", "intent/named_hit", "intent/swap_follow")
+EFFECTS = ("cot_pred/accuracy", "cot_pred/det_acc")  # the bar's two effects, columns of the arm table
 
 
 def run_dir(out: Path, arm: str, seed: int) -> Path:
@@ -57,26 +58,36 @@ def launch(out: Path, arm: str, seed: int, split: str) -> tuple[str, int, int]:
     return arm, seed, code
 
 
+def base_skills(run: Path) -> str:
+    """``locate / colour`` of the run's base model (its first ``base/*`` metrics row), or ``-``."""
+    rows = (json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line)
+    found = next((row for row in rows if "base/locate" in row), None)
+    return f"{found['base/locate']:.2f} / {found.get('base/colour', float('nan')):.2f}" if found else "-"
+
+
 def arm_rows(out: Path, arm: str, seeds: list[int]) -> list[str]:
-    """Per seed: SFT -> each iteration of ``cot_pred/accuracy``, and the final metrics with their effect."""
+    """Per seed: the base's skills, SFT -> each iteration of ``cot_pred/accuracy``, the paired effects of the
+    final evaluation over SFT, ``swap_follow`` SFT -> final, and the pairs of each iteration."""
     rows = []
     for seed in seeds:
-        path = run_dir(out, arm, seed) / "summary.json"
-        if not path.is_file():
-            rows.append(f"| {arm} | {seed} | (not finished) |" + " |" * len(METRICS))
+        run = run_dir(out, arm, seed)
+        if not (run / "summary.json").is_file():
+            rows.append(f"| {arm} | {seed} | (not finished) |" + " |" * 5)
             continue
-        summary = json.loads(path.read_text())
-        curve = " → ".join(
-            f"{it['metrics'].get('cot_pred/accuracy', float('nan')):.3f}" for it in summary["iterations"]
-        )
-        pairs = [str(int(it["metrics"].get("data/pairs", 0))) for it in summary["iterations"][1:]]
-        final = summary["iterations"][-1]["metrics"]
+        summary = json.loads((run / "summary.json").read_text())
+        its, effect = summary["iterations"], summary.get("effect", {})
+        curve = " → ".join(f"{it['metrics'].get('cot_pred/accuracy', float('nan')):.3f}" for it in its)
+        pairs = "/".join(str(int(it["metrics"].get("data/pairs", 0))) for it in its[1:]) or "-"
+        swap = [it["metrics"].get("intent/swap_follow") for it in (its[0], its[-1])]
+        swap_cell = "-" if None in swap else f"{swap[0]:.3f} → {swap[1]:.3f}"
+        if "intent/swap_follow" in effect:
+            swap_cell += f" ({format_effect(effect['intent/swap_follow'])})"
         cells = [
-            f"{final.get(m, float('nan')):.3f} ({format_effect(summary['effect'][m])})" if m in summary.get("effect", {})
-            else f"{final.get(m, float('nan')):.3f}"
-            for m in METRICS
-        ]  # fmt: skip
-        rows.append(f"| {arm} | {seed} | {curve} | {'/'.join(pairs) or '-'} | " + " | ".join(cells) + " |")
+            base_skills(run),
+            curve,
+            *(format_effect(effect[m]) if m in effect else "-" for m in EFFECTS),
+        ]
+        rows.append(f"| {arm} | {seed} | " + " | ".join([*cells, swap_cell, pairs]) + " |")
     return rows
 
 
@@ -98,9 +109,10 @@ def control_rows(out: Path, seeds: list[int], arms: list[str]) -> list[str]:
 
 
 def table(out: Path, seeds: list[int], arms: list[str]) -> str:
-    head = "| arm | seed | cot_pred: SFT → iter 1..K | pairs per iter | " + " | ".join(METRICS) + " |"
-    lines = [f"# Intent study ({out.name} split)", "", "Final values (paired effect over the run's SFT model,"
-             " points [95 % CI]).", "", head, "|" + "---|" * (4 + len(METRICS))]  # fmt: skip
+    head = ("| arm | seed | base `locate` / `colour` | `cot_pred`: SFT → iter 1 … K | `cot_pred` effect |"
+            " detection effect | `swap_follow` SFT → final (effect) | pairs per iteration |")  # fmt: skip
+    lines = [f"# Intent study ({out.name} split)", "", "Effects: the final evaluation minus the run's SFT model,"
+             " paired on the same questions (points [95 % CI]).", "", head, "|" + "---|" * 8]  # fmt: skip
     for arm in arms:
         lines += arm_rows(out, arm, seeds)
     lines += ["", "Controls: the intent arm minus the control, paired on the same questions (points [95 % CI]).",

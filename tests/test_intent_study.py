@@ -27,6 +27,9 @@ def test_table_reads_each_arm_and_pairs_each_control(tiny_run: Path, tmp_path: P
     lines = text.splitlines()
     intent_rows = [line for line in lines if line.startswith("| intent | ")]
     assert len(intent_rows) == 2 and "(not finished)" in intent_rows[1]  # seed 1 never ran
-    assert " → " in intent_rows[0]  # SFT -> iteration 1 -> iteration 2
+    cells = [c.strip() for c in intent_rows[0].strip("|").split("|")]
+    assert cells[2] == "0.00 / 0.00"  # the base's locate / colour (debug=fast: untrained)
+    assert cells[3].count(" → ") == 2  # SFT -> iteration 1 -> iteration 2
+    assert cells[4].startswith(("+", "-")) and cells[6] == "-"  # no swap_follow in the default world
     control = [line for line in lines if line.startswith("| intent − ftx_only | 0 |")]
     assert len(control) == 1 and control[0].count("+0.0 [+0.0, +0.0]") == len(study.METRICS) - 2
